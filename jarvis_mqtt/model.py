@@ -1,0 +1,451 @@
+"""Decoder-only transformer runtime, split the way the pipeline needs it.
+
+Three stages: `EmbedStage` (tokens -> hidden), `LayerSpan` (decoder layers `[start, end)`, each
+with its own KV cache per session) and `HeadStage` (final norm + LM head -> logits). Chaining
+all three in one process is the single-process reference; a node agent runs one `LayerSpan`.
+
+Families: Llama (SmolLM2, TinyLlama, Llama 2/3), Qwen2 (QKV bias), Gemma 1 (GeGLU, scaled
+embeddings, RMSNorm with 1+w) and Gemma 3 (QK-norm, sandwich norms, sliding-window layers with
+their own RoPE base). Parameter names follow Hugging Face so shards load without renaming.
+
+A forward step takes a *packed* batch: the tokens of several sessions concatenated along one
+axis, `(N, hidden)`, with a list of `Segment`s saying which rows belong to which session and at
+which positions. Linear layers run once over all rows; attention runs per segment against that
+session's cache. Prefill and decode are the same call (a decode segment has length 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jarvis_mqtt.errors import ConfigError
+
+FAMILIES = ("llama", "qwen2", "gemma", "gemma3")
+GEMMA_FAMILIES = ("gemma", "gemma3")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """Map "float32" / "bfloat16" / "float16" to a torch dtype, with a clear error otherwise."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Inverse of `dtype_from_name`."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ConfigError(f"unsupported dtype {dtype}")
+
+
+def _rope_theta(config: Mapping[str, Any], layer_type: str | None = None) -> float | None:
+    """RoPE base from either the transformers<5 keys or the >=5 `rope_parameters` dict."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping):
+        if layer_type is not None and isinstance(params.get(layer_type), Mapping):
+            return float(params[layer_type]["rope_theta"])
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+    return None
+
+
+def _rope_scaling(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    scaling = config.get("rope_scaling")
+    params = config.get("rope_parameters")
+    if scaling is None and isinstance(params, Mapping) and "rope_type" in params:
+        scaling = params
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind not in ("linear", "llama3"):
+        raise ConfigError(f"unsupported rope scaling {kind!r}")
+    items = [(k, v) for k, v in scaling.items() if k not in ("type", "rope_type")]
+    return tuple(sorted([*items, ("rope_type", kind)]))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelArgs:
+    """Architecture hyper-parameters, read from a Hugging Face style `config.json`."""
+
+    family: str  # one of FAMILIES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float  # RoPE base of full-attention layers
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of sliding-window layers
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None  # sorted items of the scaling dict
+    max_position_embeddings: int = 4096  # tokens
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v
+    hidden_act: str = "silu"  # "silu" or "gelu_pytorch_tanh"
+    sliding_window: int | None = None  # tokens a sliding layer looks back, itself included
+    layer_types: tuple[str, ...] = ()  # per layer: "full_attention" | "sliding_attention"
+    query_pre_attn_scalar: float | None = None  # Gemma: attention scale is this ** -0.5
+    final_logit_softcapping: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelArgs:
+        """Build from a config dict; a `text_config` inside a multimodal config is used."""
+        if isinstance(config.get("text_config"), Mapping):
+            config = {**config["text_config"], "model_type": config.get("model_type")}
+        family = str(config.get("model_type", ""))
+        if family in ("gemma3_text",):
+            family = "gemma3"
+        if family not in FAMILIES:
+            raise ConfigError(
+                f"unknown model family {family!r}: supported are {', '.join(FAMILIES)}"
+            )
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        layers = int(config["num_hidden_layers"])
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        gemma = family in GEMMA_FAMILIES
+        act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+        if gemma and act == "gelu":
+            act = "gelu_pytorch_tanh"  # Gemma checkpoints say "gelu" but were trained with tanh
+        layer_types: tuple[str, ...] = ()
+        sliding = config.get("sliding_window") if family == "gemma3" else None
+        if family == "gemma3":
+            layer_types = tuple(config.get("layer_types") or ())
+            if not layer_types:
+                pattern = int(config.get("sliding_window_pattern", 6))
+                layer_types = tuple(
+                    "full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                    for i in range(layers)
+                )
+        theta = _rope_theta(config, "full_attention") or config.get("rope_theta") or 10000.0
+        local = None
+        if family == "gemma3":
+            local = (
+                _rope_theta(config, "sliding_attention")
+                or config.get("rope_local_base_freq")
+                or 10000.0
+            )
+        eos = config.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            family=family,
+            vocab_size=int(config["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(config["intermediate_size"]),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_local_theta=None if local is None else float(local),
+            rope_scaling=None if family == "gemma3" else _rope_scaling(config),
+            max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
+            attention_bias=bool(config.get("attention_bias", family == "qwen2")),
+            hidden_act=str(act),
+            sliding_window=None if sliding is None else int(sliding),
+            layer_types=layer_types,
+            query_pre_attn_scalar=(
+                float(config.get("query_pre_attn_scalar") or head_dim) if gemma else None
+            ),
+            final_logit_softcapping=config.get("final_logit_softcapping"),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma conventions: RMSNorm scales by (1 + w), embeddings scaled by sqrt(hidden)."""
+        return self.family in GEMMA_FAMILIES
+
+    @property
+    def attn_scale(self) -> float:
+        """Softmax scale of attention scores."""
+        if self.query_pre_attn_scalar is not None:
+            return self.query_pre_attn_scalar**-0.5
+        return self.head_dim**-0.5
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether decoder layer `layer` attends through a sliding window."""
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm in float32; Gemma scales by (1 + w), the others by w."""
+
+    def __init__(self, dim: int, eps: float, offset: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (xf * (self.offset + self.weight.float())).type_as(x)
+        # Llama casts back before scaling; keep that order so bf16 matches bit for bit.
+        return self.weight * xf.type_as(x)
+
+
+def _inv_freq(args: ModelArgs, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
+    dim = args.head_dim
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if not scaling:
+        return inv
+    if scaling["rope_type"] == "linear":
+        return inv / float(scaling["factor"])
+    # Llama 3.1 frequency-dependent scaling.
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+@dataclass
+class RopeTable:
+    """Precomputed cos/sin per position, `(max_len, head_dim)` each, rotate-half layout."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def build(cls, args: ModelArgs, theta: float, max_len: int, dtype: torch.dtype) -> RopeTable:
+        scaling = dict(args.rope_scaling) if args.rope_scaling else None
+        inv = _inv_freq(args, theta, scaling)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return cls(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` of shape (N, heads, head_dim) by the angles of `positions` (N,)."""
+        cos = self.cos[positions].unsqueeze(1)  # (N, 1, head_dim)
+        sin = self.sin[positions].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows of a packed batch that belong to one session: `length` tokens from `start`."""
+
+    session: str
+    start: int  # position of the first token of this segment in its session
+    length: int
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of one layer for one session, `(kv_heads, capacity, head_dim)` each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def grow(self, new_cap: int) -> None:
+        """Reallocate to hold `new_cap` positions, keeping what is cached."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[0], new_cap, old.shape[2])
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with an optional QK-norm (Gemma 3)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        hd, h, kv = args.head_dim, args.num_heads, args.num_kv_heads
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, h * hd, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv * hd, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv * hd, bias=bias)
+        self.o_proj = nn.Linear(h * hd, args.hidden_size, bias=False)
+        if args.family == "gemma3":
+            self.q_norm: RMSNorm | None = RMSNorm(hd, args.rms_norm_eps, 1.0)
+            self.k_norm: RMSNorm | None = RMSNorm(hd, args.rms_norm_eps, 1.0)
+        else:
+            self.q_norm = self.k_norm = None
+        # Filled by `fuse()` after loading: one matmul for q, k and v instead of three.
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Concatenate the q/k/v projections into one weight (fewer, larger matmuls)."""
+        self.qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        if self.args.attention_bias:
+            self.qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+            proj.bias = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RopeTable,
+        positions: torch.Tensor,
+        segments: Sequence[Segment],
+        caches: Sequence[LayerCache],
+        window: int | None,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        a = self.args
+        hd, h, kv = a.head_dim, a.num_heads, a.num_kv_heads
+        assert self.qkv_weight is not None, "call fuse() after loading weights"
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # (N, (h + 2 kv) hd)
+        q, k, v = qkv.split((h * hd, kv * hd, kv * hd), dim=-1)
+        q = q.view(n, h, hd)
+        k = k.view(n, kv, hd)
+        v = v.view(n, kv, hd)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope.apply(q, positions)
+        k = rope.apply(k, positions)
+        out = torch.empty(n, h * hd, dtype=x.dtype)
+        row = 0
+        for seg, cache in zip(segments, caches, strict=True):
+            end_pos = seg.start + seg.length
+            rows = slice(row, row + seg.length)
+            cache.k[:, seg.start : end_pos] = k[rows].transpose(0, 1)
+            cache.v[:, seg.start : end_pos] = v[rows].transpose(0, 1)
+            first = 0 if window is None else max(0, end_pos - seg.length - window + 1)
+            keys = cache.k[:, first:end_pos]  # (kv, T_k, hd)
+            values = cache.v[:, first:end_pos]
+            qs = q[rows].transpose(0, 1)  # (h, T_q, hd)
+            mask = _mask(seg, first, window, x.device)
+            o = F.scaled_dot_product_attention(
+                qs, keys, values, attn_mask=mask, scale=a.attn_scale, enable_gqa=h != kv
+            )  # (h, T_q, hd)
+            out[rows] = o.transpose(0, 1).reshape(seg.length, h * hd)
+            row += seg.length
+        return self.o_proj(out)
+
+
+def _mask(
+    seg: Segment, first: int, window: int | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask (T_q, T_k) allowing causal (and windowed) attention; None when all allowed."""
+    if seg.length == 1 and (window is None or seg.start - first < window):
+        return None  # one query sees every cached key
+    q_pos = torch.arange(seg.start, seg.start + seg.length, device=device).unsqueeze(1)
+    k_pos = torch.arange(first, seg.start + seg.length, device=device).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+class MLP(nn.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x)); SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.inter = args.intermediate_size
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        if args.hidden_act == "silu":
+            self.act: Any = F.silu
+        elif args.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
+            self.act = lambda t: F.gelu(t, approximate="tanh")
+        else:
+            raise ConfigError(f"unsupported activation {args.hidden_act!r}")
+        self.gate_up_weight: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Concatenate gate and up projections into one weight."""
+        self.gate_up_weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        for proj in (self.gate_proj, self.up_proj):
+            proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.gate_up_weight is not None, "call fuse() after loading weights"
+        gate, up = F.linear(x, self.gate_up_weight).split(self.inter, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block; Gemma 3 adds post-attention and post-feed-forward norms."""
+
+    def __init__(self, args: ModelArgs, index: int) -> None:
+        super().__init__()
+        self.index = index
+        offset = 1.0 if args.gemma else 0.0
+        eps = args.rms_norm_eps
+        self.sandwich = args.family == "gemma3"
+        self.sliding = args.is_sliding(index)
+        self.window = args.sliding_window if self.sliding else None
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, eps, offset)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, eps, offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RopeTable,
+        positions: torch.Tensor,
+        segments: Sequence[Segment],
+        caches: Sequence[LayerCache],
+    ) -> torch.Tensor:
+        attn = self.self_attn(
+            self.input_layernorm(x), rope, positions, segments, caches, self.window
+        )
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def positions_of(segments: Sequence[Segment]) -> torch.Tensor:
+    """Token positions `(N,)` of a packed batch."""
+    return torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])
+
+
+def last_rows(segments: Sequence[Segment]) -> torch.Tensor:
+    """Row index of the last token of each segment in a packed batch."""
+    ends, row = [], 0
+    for s in segments:
+        row += s.length
+        ends.append(row - 1)
+    return torch.tensor(ends)

@@ -1,0 +1,279 @@
+"""The three pipeline stages: embedding, a span of decoder layers with its KV caches, the head.
+
+Each stage loads only its own tensors from the model directory (memory-mapped safetensors,
+hash-checked), on the meta device first so no memory is spent on weights it does not host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from jarvis_mqtt.errors import SessionError
+from jarvis_mqtt.model import (
+    DecoderLayer,
+    LayerCache,
+    ModelArgs,
+    RMSNorm,
+    RopeTable,
+    Segment,
+    positions_of,
+)
+
+if TYPE_CHECKING:
+    from jarvis_mqtt.checkpoint import ModelDir
+
+KV_CHUNK = 256  # positions: caches grow in multiples of this, doubling
+
+
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in tensors.items()}
+
+
+class EmbedStage(nn.Module):
+    """Token ids -> hidden states (Gemma scales by sqrt(hidden) in the model dtype)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        if self.args.gemma:
+            x = x * torch.tensor(self.args.hidden_size**0.5, dtype=x.dtype)
+        return x
+
+
+class HeadStage(nn.Module):
+    """Final norm and LM head: hidden states -> logits (float32)."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, 1.0 if args.gemma else 0.0)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.norm(hidden)).float()
+        cap = self.args.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def load_client_stages(
+    model_dir: ModelDir, dtype: torch.dtype | None = None
+) -> tuple[EmbedStage, HeadStage]:
+    """Load the embedding and head stages (what a client holds) from `stage.safetensors`."""
+    args = ModelArgs.from_config(model_dir.config)
+    dtype = dtype or model_dir.dtype
+    tensors = _cast(model_dir.load_stage(), dtype)
+    with torch.device("meta"):
+        embed = EmbedStage(args)
+        head = HeadStage(args)
+    embed.load_state_dict({"embed_tokens.weight": tensors["embed_tokens.weight"]}, assign=True)
+    # Tied embeddings: the head shares the embedding's Parameter, no second copy.
+    lm_head = tensors.get("lm_head.weight", embed.embed_tokens.weight)
+    head.load_state_dict(
+        {"norm.weight": tensors["norm.weight"], "lm_head.weight": lm_head}, assign=True
+    )
+    return embed.eval(), head.eval()
+
+
+@dataclass
+class SessionState:
+    """One session's KV caches for the layers of a span."""
+
+    caches: list[LayerCache]
+    length: int = 0  # positions filled
+    last_used: float = 0.0  # time.monotonic() seconds
+
+    @property
+    def capacity(self) -> int:
+        return self.caches[0].capacity if self.caches else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+
+class LayerSpan(nn.Module):
+    """Decoder layers `[start, end)` and the KV caches of every session passing through them."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        max_seq_len: int = 4096,  # tokens per session
+        kv_budget_bytes: int = 1 << 30,  # KV memory of all sessions together
+        session_ttl: float = 600.0,  # seconds idle before a session is freed
+    ) -> None:
+        super().__init__()
+        if not 0 <= start < end <= args.num_layers:
+            raise ValueError(f"bad layer span [{start}, {end}) of {args.num_layers} layers")
+        self.args, self.start, self.end = args, start, end
+        self.dtype = dtype
+        self.max_seq_len = min(max_seq_len, args.max_position_embeddings)
+        self.kv_budget_bytes = kv_budget_bytes
+        self.session_ttl = session_ttl
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(start, end))
+        self.sessions: dict[str, SessionState] = {}
+        self._rope_global = RopeTable.build(args, args.rope_theta, self.max_seq_len, dtype)
+        self._rope_local = (
+            RopeTable.build(args, args.rope_local_theta, self.max_seq_len, dtype)
+            if args.rope_local_theta is not None
+            else self._rope_global
+        )
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: ModelDir,
+        start: int,
+        end: int,
+        *,
+        dtype: torch.dtype | None = None,
+        **kwargs: float | int,
+    ) -> LayerSpan:
+        """Build on the meta device, then load only the shards of layers `[start, end)`."""
+        args = ModelArgs.from_config(model_dir.config)
+        dtype = dtype or model_dir.dtype
+        with torch.device("meta"):
+            span = cls(args, start, end, dtype=dtype, **kwargs)  # type: ignore[arg-type]
+        # RoPE tables must be real tensors, not meta: rebuild them outside the meta context.
+        span._rope_global = RopeTable.build(args, args.rope_theta, span.max_seq_len, dtype)
+        span._rope_local = (
+            RopeTable.build(args, args.rope_local_theta, span.max_seq_len, dtype)
+            if args.rope_local_theta is not None
+            else span._rope_global
+        )
+        for layer in span.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.load_state_dict(_cast(model_dir.load_layer(layer.index), dtype), assign=True)
+        span.fuse()
+        return span.eval()
+
+    def fuse(self) -> None:
+        """Fuse projections after weights are in place."""
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV memory held by all sessions."""
+        return sum(s.nbytes for s in self.sessions.values())
+
+    def free(self, session: str) -> bool:
+        """Drop a session's caches; True if it existed."""
+        return self.sessions.pop(session, None) is not None
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Free sessions idle longer than the TTL; return their ids."""
+        now = time.monotonic() if now is None else now
+        old = [sid for sid, s in self.sessions.items() if now - s.last_used > self.session_ttl]
+        for sid in old:
+            del self.sessions[sid]
+        return old
+
+    def _cache_bytes(self, capacity: int) -> int:
+        a = self.args
+        per_layer = 2 * a.num_kv_heads * capacity * a.head_dim * self.dtype.itemsize
+        return per_layer * (self.end - self.start)
+
+    def _reserve(self, segments: Sequence[Segment]) -> list[SessionState]:
+        """Validate positions and grow caches before any compute, so a failure changes nothing."""
+        plans: list[tuple[Segment, SessionState | None, int]] = []
+        extra = 0
+        for seg in segments:
+            end = seg.start + seg.length
+            if seg.length < 1 or seg.start < 0:
+                raise SessionError(f"session {seg.session}: empty or negative segment")
+            if end > self.max_seq_len:
+                raise SessionError(
+                    f"session {seg.session}: context full ({end} > {self.max_seq_len} tokens)"
+                )
+            state = self.sessions.get(seg.session)
+            if state is None and seg.start != 0:
+                raise SessionError(f"unknown session {seg.session} (position {seg.start})")
+            if state is not None and seg.start > state.length:
+                raise SessionError(
+                    f"session {seg.session}: position {seg.start} skips ahead of the "
+                    f"{state.length} cached"
+                )
+            have = state.capacity if state else 0
+            new_cap = have
+            if end > have:
+                new_cap = min(self.max_seq_len, max(2 * have, -(-end // KV_CHUNK) * KV_CHUNK))
+            extra += self._cache_bytes(new_cap) - self._cache_bytes(have)
+            plans.append((seg, state, new_cap))
+        if extra > 0 and self.kv_bytes + extra > self.kv_budget_bytes:
+            raise SessionError(
+                f"KV memory full: {self.kv_bytes + extra} bytes needed, budget "
+                f"{self.kv_budget_bytes}; retry later or free sessions"
+            )
+        states = []
+        now = time.monotonic()
+        a = self.args
+        for seg, state, new_cap in plans:
+            if state is None:
+                shape = (a.num_kv_heads, new_cap, a.head_dim)
+                state = SessionState(
+                    caches=[
+                        LayerCache(
+                            torch.zeros(shape, dtype=self.dtype),
+                            torch.zeros(shape, dtype=self.dtype),
+                        )
+                        for _ in range(self.end - self.start)
+                    ]
+                )
+                self.sessions[seg.session] = state
+            elif new_cap > state.capacity:
+                for cache in state.caches:
+                    cache.grow(new_cap)
+            state.length = seg.start + seg.length
+            state.last_used = now
+            states.append(state)
+        return states
+
+    # -- compute -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self, x: torch.Tensor, segments: Sequence[Segment], skip: Iterable[int] = ()
+    ) -> torch.Tensor:
+        """Run packed hidden states `(N, hidden)` through the span; layers in `skip` are bypassed.
+
+        Skipped layers keep no cache for this step (the JARVIS layer-skip behaviour).
+        """
+        if x.shape[0] != sum(s.length for s in segments):
+            raise SessionError(
+                f"{x.shape[0]} rows but segments cover {sum(s.length for s in segments)}"
+            )
+        if len({s.session for s in segments}) != len(segments):
+            raise SessionError("a session appears twice in one batch")
+        states = self._reserve(segments)
+        skip = set(skip)
+        positions = positions_of(segments)
+        x = x.to(self.dtype)
+        for j, layer in enumerate(self.layers):
+            assert isinstance(layer, DecoderLayer)
+            if layer.index in skip:
+                continue
+            rope = self._rope_local if layer.sliding else self._rope_global
+            x = layer(x, rope, positions, segments, [s.caches[j] for s in states])
+        return x
