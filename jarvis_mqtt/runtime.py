@@ -22,6 +22,7 @@ from jarvis_mqtt.model import (
     RMSNorm,
     RopeTable,
     Segment,
+    matmul_t,
     positions_of,
 )
 
@@ -41,11 +42,18 @@ class EmbedStage(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(args.vocab_size, args.hidden_size)
+        # With tied embeddings the head keeps the table transposed, (hidden, vocab), for fast
+        # GEMVs; the embedding then gathers columns of that one copy instead of keeping two.
+        self.table_t: torch.Tensor | None = None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(tokens)
+        if self.table_t is not None:
+            x = self.table_t.index_select(1, tokens).t().contiguous()
+        else:
+            assert self.embed_tokens is not None
+            x = self.embed_tokens(tokens)
         if self.args.gemma:
             x = x * torch.tensor(self.args.hidden_size**0.5, dtype=x.dtype)
         return x
@@ -58,11 +66,13 @@ class HeadStage(nn.Module):
         super().__init__()
         self.args = args
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, 1.0 if args.gemma else 0.0)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head_t: torch.Tensor | None = None  # (hidden, vocab), set by load_client_stages
 
     @torch.inference_mode()
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(self.norm(hidden)).float()
+        assert self.lm_head_t is not None, "load with load_client_stages"
+        logits = matmul_t(self.norm(hidden), self.lm_head_t).float()
         cap = self.args.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
@@ -80,11 +90,13 @@ def load_client_stages(
         embed = EmbedStage(args)
         head = HeadStage(args)
     embed.load_state_dict({"embed_tokens.weight": tensors["embed_tokens.weight"]}, assign=True)
-    # Tied embeddings: the head shares the embedding's Parameter, no second copy.
-    lm_head = tensors.get("lm_head.weight", embed.embed_tokens.weight)
-    head.load_state_dict(
-        {"norm.weight": tensors["norm.weight"], "lm_head.weight": lm_head}, assign=True
-    )
+    head.load_state_dict({"norm.weight": tensors["norm.weight"]}, assign=True, strict=False)
+    if "lm_head.weight" in tensors:
+        head.lm_head_t = tensors["lm_head.weight"].t().contiguous()
+    else:  # tied: one transposed table serves both stages
+        head.lm_head_t = embed.table_t = tensors["embed_tokens.weight"].t().contiguous()
+        embed.embed_tokens = None  # the meta placeholder is not needed
+    head.lm_head = None
     return embed.eval(), head.eval()
 
 

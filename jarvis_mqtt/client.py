@@ -1,0 +1,294 @@
+"""The client side of the pipeline: tokenizer, embedding and head here, layers on the mesh.
+
+Like Petals' client, prompts and logits never leave the user's device: the client embeds the
+tokens, sends hidden states into the mesh at layer 0, and samples from the hidden state that
+comes back from the last layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import torch
+
+from jarvis_mqtt import topics as T
+from jarvis_mqtt import wire
+from jarvis_mqtt.brokers import BrokerAddress
+from jarvis_mqtt.checkpoint import ModelDir
+from jarvis_mqtt.errors import MeshError, WireError
+from jarvis_mqtt.generate import Generation, TokenEvent
+from jarvis_mqtt.membership import MeshView, format_layers
+from jarvis_mqtt.routing import next_hop
+from jarvis_mqtt.runtime import load_client_stages
+from jarvis_mqtt.sampling import SamplingParams
+from jarvis_mqtt.transport import MeshClient
+
+log = logging.getLogger("jarvis.client")
+
+
+async def wait_for_nodes(
+    brokers: Sequence[BrokerAddress], root: str, node_ids: Sequence[str], timeout: float
+) -> None:
+    """Return once every node in `node_ids` has a retained online status; MeshError on timeout."""
+    topics = T.Topics(root)
+    view = MeshView()
+    want = set(node_ids)
+    async with MeshClient(list(brokers), client_id=str(T.new_client_id("wait"))) as mesh:
+        await mesh.subscribe(topics.all_node_status())
+        try:
+            async with asyncio.timeout(timeout):
+                async for m in mesh.messages():
+                    if m.payload:
+                        try:
+                            view.update(T.unpack_status(m.payload))
+                        except WireError:
+                            continue
+                    if want <= {s.node_id for s in view.live()}:
+                        return
+        except TimeoutError:
+            missing = sorted(want - {s.node_id for s in view.live()})
+            raise MeshError(f"nodes not online after {timeout:.0f} s: {missing}") from None
+
+
+@dataclass
+class StepResult:
+    """Logits of the last position after one trip through the mesh, and how it went."""
+
+    logits: torch.Tensor
+    route: list[dict[str, Any]]
+    skipped: list[int]
+
+
+@dataclass
+class SessionRoute:
+    """Per session: which node took its first span (its KV cache lives there)."""
+
+    first: str | None = None
+    steps: int = 0
+    history: list[list[dict[str, Any]]] = field(default_factory=list)
+
+
+class RemoteModel:
+    """A model whose layers run on the mesh; an async context manager."""
+
+    def __init__(
+        self,
+        model_dir: ModelDir,
+        brokers: Sequence[BrokerAddress],
+        *,
+        topic_root: str = "jarvis",
+        client_id: str | None = None,
+        step_timeout: float = 60.0,  # seconds for one trip through all layers
+        allow_skip: bool = False,  # route around layers nobody hosts (JARVIS layer skipping)
+        never_skip: Sequence[int] = (),
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model_dir = model_dir
+        self.model = model_dir.name
+        self.num_layers = model_dir.num_layers
+        self.brokers = list(brokers)
+        self.topics = T.Topics(topic_root)
+        self.client_id = T.ClientId(client_id or T.new_client_id("chat"))
+        self.step_timeout = step_timeout
+        self.allow_skip = allow_skip
+        self.never_skip = list(never_skip)
+        self.tokenizer = model_dir.tokenizer()
+        self.embed, self.head = load_client_stages(model_dir, dtype)
+        self.view = MeshView()
+        self.sessions: dict[str, SessionRoute] = {}
+        self._pending: dict[tuple[str, int], asyncio.Future[wire.ResultMessage]] = {}
+        self._mesh: MeshClient | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._view_changed = asyncio.Event()
+
+    @classmethod
+    def open(
+        cls, model: str, brokers: Sequence[BrokerAddress], models_dir: Path | None = None, **kw: Any
+    ) -> RemoteModel:
+        """Open by model name (under `models_dir` or the default models root)."""
+        md = ModelDir.open(model if models_dir is None else str(models_dir / model))
+        return cls(md, brokers, **kw)
+
+    async def __aenter__(self) -> Self:
+        self._mesh = MeshClient(self.brokers, client_id=f"jarvis-{self.client_id}")
+        await self._mesh.__aenter__()
+        try:
+            await self._mesh.subscribe(self.topics.client_result(self.client_id))
+            await self._mesh.subscribe(self.topics.all_node_status())
+            self._tg = asyncio.TaskGroup()
+            await self._tg.__aenter__()
+            self._reader = self._tg.create_task(self._read(self._mesh), name="client reader")
+        except BaseException:
+            await self._mesh.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.sessions and self._mesh is not None:
+            with contextlib.suppress(MeshError):  # else nodes expire them by TTL
+                await self.free(list(self.sessions))
+        if self._reader is not None:
+            self._reader.cancel()
+        if self._tg is not None:
+            await self._tg.__aexit__(None, None, None)
+        if self._mesh is not None:
+            await self._mesh.__aexit__(exc_type, exc, tb)
+
+    async def _read(self, mesh: MeshClient) -> None:
+        async for m in mesh.messages():
+            try:
+                parsed = self.topics.parse(m.topic)
+            except WireError:
+                continue
+            if isinstance(parsed, T.NodeStatusTopic):
+                if not m.payload:
+                    self.view.forget(parsed.node_id)
+                else:
+                    try:
+                        self.view.update(T.unpack_status(m.payload))
+                    except WireError as e:
+                        log.debug("bad status: %s", e)
+                        continue
+                self._view_changed.set()
+            elif isinstance(parsed, T.ClientResultTopic):
+                self._on_result(m.payload)
+
+    def _on_result(self, payload: bytes) -> None:
+        try:
+            msg = wire.decode(payload, max_bytes=1 << 30)
+        except WireError as e:
+            log.warning("undecodable result: %s", e)
+            return
+        if isinstance(msg, wire.ErrorMessage):
+            # An error names the session; fail whichever step of it is waiting.
+            for (sid, _), fut in list(self._pending.items()):
+                if sid == msg.sid and not fut.done():
+                    fut.set_exception(MeshError(msg.text))
+            if msg.sid is None:
+                log.warning("mesh error: %s", msg.text)
+            return
+        if isinstance(msg, wire.ResultMessage):
+            waiting = self._pending.get((msg.sid, msg.step))
+            if waiting is not None and not waiting.done():
+                waiting.set_result(msg)
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until live nodes cover every layer; MeshError naming the missing ones."""
+        try:
+            async with asyncio.timeout(timeout):
+                while missing := self.view.missing_layers(self.model, self.num_layers):
+                    self._view_changed.clear()
+                    await self._view_changed.wait()
+        except TimeoutError:
+            raise MeshError(
+                f"model {self.model}: no live node hosts layers {format_layers(missing)} "
+                f"after {timeout:.0f} s (is the mesh up? `jarvis mesh status`)"
+            ) from None
+
+    async def step(self, session: str, tokens: Sequence[int], start: int) -> StepResult:
+        """Feed `tokens` at positions from `start` through every layer; logits of the last."""
+        assert self._mesh is not None, "use `async with RemoteModel(...)`"
+        route = self.sessions.setdefault(session, SessionRoute())
+        hop = next_hop(
+            self.view.live(self.model),
+            0,
+            self.num_layers,
+            prefer=route.first,
+            allow_skip=self.allow_skip,
+            never_skip=self.never_skip,
+        )
+        if hop.node_id is None:
+            raise MeshError("every layer would be skipped")
+        route.first = hop.node_id
+        hidden = self.embed(torch.tensor(list(tokens)))
+        msg = wire.ActivationMessage.from_tensor(
+            hidden,
+            sid=T.SessionId(session),
+            cid=self.client_id,
+            model=self.model,
+            step=route.steps,
+            pos=start,
+            layer=hop.enter,
+            skipped=hop.skipped,
+            meta={"allow_skip": self.allow_skip, "never_skip": self.never_skip},
+        )
+        key = (session, route.steps)
+        fut: asyncio.Future[wire.ResultMessage] = asyncio.get_running_loop().create_future()
+        self._pending[key] = fut
+        try:
+            await self._mesh.publish(
+                self.topics.node_layer(self.model, hop.enter, hop.node_id), wire.encode(msg)
+            )
+            async with asyncio.timeout(self.step_timeout):
+                result = await fut
+        except TimeoutError:
+            raise MeshError(
+                f"no result for session {session} step {route.steps} within "
+                f"{self.step_timeout:.0f} s"
+            ) from None
+        finally:
+            self._pending.pop(key, None)
+        route.steps += 1
+        hops = [
+            {
+                "node": h.node,
+                "start": h.start,
+                "end": h.end,
+                "ms": round((h.t_out - h.t_in) * 1e3, 3),
+            }
+            for h in result.route
+        ]
+        route.history.append(hops)
+        logits = self.head(result.to_tensor().to(self.embed_dtype))[-1]
+        return StepResult(logits, hops, list(result.skipped))
+
+    @property
+    def embed_dtype(self) -> torch.dtype:
+        """The dtype hidden states travel in."""
+        return self.head.norm.weight.dtype
+
+    async def free(self, sessions: Sequence[str]) -> None:
+        """Tell every node to drop these sessions' caches."""
+        assert self._mesh is not None
+        for sid in sessions:
+            self.sessions.pop(sid, None)
+        await self._mesh.publish(
+            self.topics.session_free(self.model), T.pack_session_free(map(T.SessionId, sessions))
+        )
+
+    async def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, *, session: str | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """Stream the reply to `prompt_ids`; the session is freed at the end."""
+        sid = session or T.new_session_id()
+        gen = Generation(self.tokenizer, params, list(prompt_ids))
+        t0 = time.perf_counter()
+        try:
+            res = await self.step(sid, gen.prompt_ids, 0)
+            while True:
+                tok = gen.pick(res.logits)
+                text = gen.accept(tok)
+                now = time.perf_counter()
+                yield TokenEvent(tok, text, now - t0, route=res.route, skipped=res.skipped)
+                t0 = now
+                if gen.done:
+                    return
+                pos = len(gen.prompt_ids) + len(gen.generated) - 1
+                res = await self.step(sid, [tok], pos)
+        finally:
+            if session is None and sid in self.sessions:
+                await self.free([sid])

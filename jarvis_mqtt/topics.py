@@ -1,0 +1,233 @@
+"""Every MQTT topic of the mesh, declared once with its payload, and the ids that name things.
+
+Topics start with a root prefix (default `jarvis`; tests use a unique one each) and, where it
+matters, the model name, so several models and test runs share one mesh without crosstalk.
+
+| topic                              | payload                                   | retained |
+| ---------------------------------- | ----------------------------------------- | -------- |
+| `{root}/m/{model}/layer/{layer}`   | `wire.ActivationMessage`                  | no       |
+| `{root}/m/{model}/layer/{layer}/{node_id}` | `wire.ActivationMessage` for one node | no    |
+| `{root}/m/{model}/free`            | msgpack list of session ids               | no       |
+| `{root}/node/{node_id}/status`     | msgpack map, `membership.NodeStatus`      | yes      |
+| `{root}/client/{client_id}/result` | `wire.ResultMessage` or `wire.ErrorMessage` | no     |
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, NewType, TypeGuard
+
+import msgpack
+
+from jarvis_mqtt.errors import ConfigError, WireError
+from jarvis_mqtt.membership import NodeStatus
+
+NodeId = NewType("NodeId", str)
+SessionId = NewType("SessionId", str)
+ClientId = NewType("ClientId", str)
+MessageId = NewType("MessageId", str)  # 32 lowercase hex digits: 16 random bytes
+
+DEFAULT_ROOT = "jarvis"
+MAX_NAME = 128  # characters in one topic level we build from a name
+MAX_LAYER = 65535  # no model comes near; bounds what the network can ask for
+MAX_FREE_IDS = 4096  # session ids in one free message
+
+# One topic level: no separators or wildcards, no whitespace or control characters.
+_NAME = re.compile(rf"[^/+#\s\x00-\x1f\x7f]{{1,{MAX_NAME}}}")
+_MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_name(value: object) -> TypeGuard[str]:
+    """Whether `value` can be one topic level (a model, node, session or client id)."""
+    return isinstance(value, str) and not value.startswith("$") and bool(_NAME.fullmatch(value))
+
+
+def is_message_id(value: object) -> TypeGuard[str]:
+    """Whether `value` looks like a `MessageId`."""
+    return isinstance(value, str) and bool(_MESSAGE_ID.fullmatch(value))
+
+
+def check_name(value: str, what: str) -> str:
+    """Return `value` if it is a valid topic level, else ConfigError naming `what`."""
+    if not is_name(value):
+        raise ConfigError(
+            f"bad {what} {value!r}: 1..{MAX_NAME} characters, no '/', '+', '#', whitespace, "
+            "control characters or leading '$'"
+        )
+    return value
+
+
+def new_message_id() -> MessageId:
+    """A fresh random message id (what brokers' duplicates are recognised by)."""
+    return MessageId(os.urandom(16).hex())
+
+
+def new_session_id() -> SessionId:
+    """A fresh random session id."""
+    return SessionId(os.urandom(8).hex())
+
+
+def new_client_id(prefix: str = "client") -> ClientId:
+    """A fresh client id such as `client-1f2e3d4c`."""
+    return ClientId(check_name(f"{prefix}-{os.urandom(4).hex()}", "client id"))
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """One kind of topic: its pattern, what its payload is, how it is published."""
+
+    pattern: str
+    payload: str
+    retained: bool = False
+    qos: int = 1
+
+
+LAYER = TopicSpec("{root}/m/{model}/layer/{layer}", "wire.ActivationMessage")
+# Replicas host the same layers but hold different sessions' caches: senders address one node.
+NODE_LAYER = TopicSpec("{root}/m/{model}/layer/{layer}/{node_id}", "wire.ActivationMessage")
+SESSION_FREE = TopicSpec("{root}/m/{model}/free", "msgpack list[SessionId]")
+NODE_STATUS = TopicSpec("{root}/node/{node_id}/status", "msgpack NodeStatus", retained=True)
+CLIENT_RESULT = TopicSpec(
+    "{root}/client/{client_id}/result", "wire.ResultMessage | wire.ErrorMessage"
+)
+ALL_SPECS = (LAYER, NODE_LAYER, SESSION_FREE, NODE_STATUS, CLIENT_RESULT)
+
+
+@dataclass(frozen=True)
+class LayerTopic:
+    """Parsed `{root}/m/{model}/layer/{layer}[/{node_id}]`."""
+
+    model: str
+    layer: int
+    node_id: NodeId | None = None  # set when the message is addressed to one node
+
+
+@dataclass(frozen=True)
+class SessionFreeTopic:
+    """Parsed `{root}/m/{model}/free`."""
+
+    model: str
+
+
+@dataclass(frozen=True)
+class NodeStatusTopic:
+    """Parsed `{root}/node/{node_id}/status`."""
+
+    node_id: NodeId
+
+
+@dataclass(frozen=True)
+class ClientResultTopic:
+    """Parsed `{root}/client/{client_id}/result`."""
+
+    client_id: ClientId
+
+
+ParsedTopic = LayerTopic | SessionFreeTopic | NodeStatusTopic | ClientResultTopic
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one root prefix; builders raise ConfigError on a bad name."""
+
+    root: str = DEFAULT_ROOT
+
+    def __post_init__(self) -> None:
+        # A root may have several levels (`test/abc`), each a valid name.
+        for level in self.root.split("/"):
+            check_name(level, "topic root level")
+
+    def layer(self, model: str, layer: int) -> str:
+        """Where activations entering `layer` of `model` go."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= MAX_LAYER:
+            raise ConfigError(f"bad layer {layer!r}: an int in 0..{MAX_LAYER}")
+        return f"{self.root}/m/{check_name(model, 'model name')}/layer/{layer}"
+
+    def node_layer(self, model: str, layer: int, node_id: NodeId | str) -> str:
+        """Where activations entering `layer` of `model` on one particular node go."""
+        return f"{self.layer(model, layer)}/{check_name(node_id, 'node id')}"
+
+    def all_layers(self, model: str) -> str:
+        """Wildcard over every layer topic of `model`."""
+        return f"{self.root}/m/{check_name(model, 'model name')}/layer/+"
+
+    def session_free(self, model: str) -> str:
+        """Where clients announce sessions of `model` whose caches nodes may drop."""
+        return f"{self.root}/m/{check_name(model, 'model name')}/free"
+
+    def node_status(self, node_id: NodeId | str) -> str:
+        """A node's retained status (heartbeat, and its last will saying offline)."""
+        return f"{self.root}/node/{check_name(node_id, 'node id')}/status"
+
+    def all_node_status(self) -> str:
+        """Wildcard over every node's status."""
+        return f"{self.root}/node/+/status"
+
+    def client_result(self, client_id: ClientId | str) -> str:
+        """Where results and errors for one client go."""
+        return f"{self.root}/client/{check_name(client_id, 'client id')}/result"
+
+    def parse(self, topic: str) -> ParsedTopic:
+        """Split a topic under this root back into its parts; WireError if it is not ours."""
+        prefix = self.root + "/"
+        if not topic.startswith(prefix):
+            raise WireError(f"topic {topic!r} is not under root {self.root!r}")
+        parts = topic[len(prefix) :].split("/")
+        match parts:
+            case ["m", model, "layer", layer] if is_name(model) and _is_layer(layer):
+                return LayerTopic(model, int(layer))
+            case ["m", model, "layer", layer, node] if (
+                is_name(model) and _is_layer(layer) and is_name(node)
+            ):
+                return LayerTopic(model, int(layer), NodeId(node))
+            case ["m", model, "free"] if is_name(model):
+                return SessionFreeTopic(model)
+            case ["node", node_id, "status"] if is_name(node_id):
+                return NodeStatusTopic(NodeId(node_id))
+            case ["client", client_id, "result"] if is_name(client_id):
+                return ClientResultTopic(ClientId(client_id))
+        raise WireError(f"unknown topic {topic!r}")
+
+
+def _is_layer(text: str) -> bool:
+    # Canonical decimal only, so a parsed topic builds back to the same string.
+    return text.isascii() and text.isdigit() and str(int(text)) == text and int(text) <= MAX_LAYER
+
+
+def _unpack(payload: bytes, what: str) -> Any:
+    try:
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise WireError(f"{what} is not valid msgpack: {e}") from e
+
+
+def pack_session_free(session_ids: Iterable[SessionId]) -> bytes:
+    """Payload of a session-free message."""
+    ids = list(session_ids)
+    for sid in ids:
+        check_name(sid, "session id")
+    return msgpack.packb(ids)
+
+
+def unpack_session_free(payload: bytes) -> list[SessionId]:
+    """Session ids from a session-free payload; WireError when malformed."""
+    ids = _unpack(payload, "session-free payload")
+    if not isinstance(ids, list) or len(ids) > MAX_FREE_IDS or not all(map(is_name, ids)):
+        raise WireError(f"session-free payload is not a list of at most {MAX_FREE_IDS} ids")
+    return [SessionId(s) for s in ids]
+
+
+def pack_status(status: NodeStatus) -> bytes:
+    """Payload of a node status message."""
+    return msgpack.packb(status.to_dict())
+
+
+def unpack_status(payload: bytes) -> NodeStatus:
+    """A node status from its payload; WireError when malformed."""
+    status = NodeStatus.from_dict(_unpack(payload, "node status"))
+    if not is_name(status.node_id) or not is_name(status.model):
+        raise WireError(f"node status with a bad node id or model: {status.node_id!r}")
+    return status

@@ -1,0 +1,403 @@
+"""The node agent: hosts decoder layers `[start, end)` of one model on the mesh.
+
+It subscribes to the layer topics of its span addressed to it, packs whatever activations are
+waiting into one forward step (off the event loop, on one worker thread that owns the KV
+caches), and publishes each result to the next live node, or back to the client when its span
+is the last. A retained status doubles as heartbeat; a retained last will marks it offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from jarvis_mqtt import topics as T
+from jarvis_mqtt import wire
+from jarvis_mqtt.checkpoint import ModelDir
+from jarvis_mqtt.errors import JarvisError, MeshError, SessionError, WireError
+from jarvis_mqtt.membership import MeshView, NodeStatus
+from jarvis_mqtt.model import Segment, dtype_from_name
+from jarvis_mqtt.routing import next_hop
+from jarvis_mqtt.runtime import LayerSpan
+from jarvis_mqtt.transport import LastWill, MeshClient, MeshMessage
+from node_agent.config import NodeConfig
+
+log = logging.getLogger("jarvis.node")
+
+
+@dataclass
+class Work:
+    """One accepted activation waiting for compute."""
+
+    msg: wire.ActivationMessage
+    hidden: torch.Tensor  # (tokens, hidden) in the span's dtype
+    t_in: float  # wall clock when it arrived
+
+
+@dataclass
+class Outcome:
+    """What one forward step produced for one piece of work."""
+
+    work: Work
+    hidden: torch.Tensor | None = None
+    error: SessionError | None = None
+
+
+@dataclass
+class Load:
+    """Snapshot of the worker's state, published in the heartbeat."""
+
+    sessions: int = 0
+    kv_bytes: int = 0
+    steps: int = 0
+    tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class NodeAgent:
+    """One node of the mesh; `await NodeAgent(cfg).run()` serves until `stop` is set."""
+
+    def __init__(self, cfg: NodeConfig, *, stop: asyncio.Event | None = None) -> None:
+        self.cfg = cfg
+        self.stop = stop or asyncio.Event()
+        self.topics = T.Topics(cfg.topic_root)
+        self.view = MeshView()
+        self.load = Load()
+        self.ready = asyncio.Event()
+        self._inbox: collections.deque[Work] = collections.deque()
+        self._has_work = asyncio.Event()
+        # One thread owns the span (weights and KV caches): forwards, frees and expiry queue up.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"span-{cfg.node_id}")
+        self._next: dict[str, str] = {}  # session -> node that holds its next span's cache
+        self._span: LayerSpan | None = None
+        self._mesh: MeshClient | None = None
+        self._num_layers = 0
+        self._hidden = 0
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def status(self, online: bool = True) -> NodeStatus:
+        """This node's status record."""
+        cfg, span = self.cfg, self._span
+        return NodeStatus(
+            node_id=cfg.node_id,
+            model=cfg.model,
+            start=cfg.start,
+            end=cfg.end,
+            online=online,
+            time=time.time(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            capacity={
+                "kv_budget_bytes": cfg.kv_budget_bytes,
+                "max_seq_len": span.max_seq_len if span else cfg.max_seq_len,
+                "cores": os.cpu_count() or 1,
+                "threads": torch.get_num_threads(),
+            },
+            load={
+                "sessions": self.load.sessions,
+                "kv_bytes": self.load.kv_bytes,
+                "queue": len(self._inbox),
+                "steps": self.load.steps,
+                "tokens": self.load.tokens,
+            },
+        )
+
+    async def run(self) -> None:
+        """Load the layers, join the mesh, serve until `stop`, then leave cleanly."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        md = ModelDir.open(cfg.model if cfg.models_dir is None else str(cfg.models_dir / cfg.model))
+        if not 0 <= cfg.start < cfg.end <= md.num_layers:
+            raise MeshError(f"layers [{cfg.start}, {cfg.end}) not in a {md.num_layers}-layer model")
+        self._num_layers = md.num_layers
+        self._hidden = int(md.config["hidden_size"])
+        dtype = dtype_from_name(cfg.dtype) if cfg.dtype else None
+        t0 = time.perf_counter()
+        self._span = await loop.run_in_executor(
+            self._worker,
+            lambda: LayerSpan.load(
+                md,
+                cfg.start,
+                cfg.end,
+                dtype=dtype,
+                max_seq_len=cfg.max_seq_len,
+                kv_budget_bytes=cfg.kv_budget_bytes,
+                session_ttl=cfg.session_ttl,
+            ),
+        )
+        log.info(
+            "%s: loaded layers [%d, %d) of %s in %.2f s",
+            cfg.node_id, cfg.start, cfg.end, cfg.model, time.perf_counter() - t0,
+        )  # fmt: skip
+        status_topic = self.topics.node_status(cfg.node_id)
+        will = LastWill(status_topic, T.pack_status(self.status(online=False)), retain=True)
+        mesh = MeshClient(
+            list(cfg.brokers),
+            client_id=f"jarvis-{cfg.node_id}",
+            keepalive=cfg.keepalive,
+            will=will,
+            max_payload=cfg.max_payload_bytes,
+        )
+        async with mesh:
+            self._mesh = mesh
+            for layer in range(cfg.start, cfg.end):
+                await mesh.subscribe(self.topics.node_layer(cfg.model, layer, cfg.node_id))
+            await mesh.subscribe(self.topics.session_free(cfg.model))
+            await mesh.subscribe(self.topics.all_node_status())
+            await mesh.publish(status_topic, T.pack_status(self.status()), retain=True)
+            self.ready.set()
+            log.info("%s: serving on %s", cfg.node_id, ", ".join(map(str, cfg.brokers)))
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(self._receive(mesh), name="receive"),
+                        tg.create_task(self._compute(mesh), name="compute"),
+                        tg.create_task(self._heartbeat(mesh, status_topic), name="heartbeat"),
+                        tg.create_task(self._expire(), name="expire"),
+                    ]
+                    await self.stop.wait()
+                    for t in tasks:
+                        t.cancel()
+            finally:
+                # A clean leave clears the retained status instead of leaving "offline" behind.
+                try:
+                    async with asyncio.timeout(cfg.graceful_timeout):
+                        await mesh.publish(status_topic, b"", retain=True)
+                except (TimeoutError, JarvisError) as e:
+                    log.warning("%s: could not clear status: %s", cfg.node_id, e)
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        log.info("%s: stopped", cfg.node_id)
+
+    async def _heartbeat(self, mesh: MeshClient, topic: str) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat)
+            try:
+                await mesh.publish(topic, T.pack_status(self.status()), retain=True)
+            except JarvisError as e:  # every broker down: keep trying, the links reconnect
+                log.warning("%s: heartbeat not sent: %s", self.cfg.node_id, e)
+
+    async def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(30.0, self.cfg.session_ttl / 4))
+            span = self._span
+            assert span is not None
+            for sid in await loop.run_in_executor(self._worker, span.expire):
+                self._next.pop(sid, None)
+                log.info("%s: session %s expired", self.cfg.node_id, sid)
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def _receive(self, mesh: MeshClient) -> None:
+        async for m in mesh.messages():
+            try:
+                parsed = self.topics.parse(m.topic)
+            except WireError as e:
+                log.warning("%s: ignored message: %s", self.cfg.node_id, e)
+                continue
+            if isinstance(parsed, T.NodeStatusTopic):
+                self._on_status(parsed, m)
+            elif isinstance(parsed, T.SessionFreeTopic):
+                await self._on_free(m)
+            elif isinstance(parsed, T.LayerTopic):
+                await self._on_activation(parsed, m)
+
+    def _on_status(self, parsed: T.NodeStatusTopic, m: MeshMessage) -> None:
+        if not m.payload:
+            self.view.forget(parsed.node_id)
+            return
+        try:
+            self.view.update(T.unpack_status(m.payload))
+        except WireError as e:
+            log.warning("%s: bad status on %s: %s", self.cfg.node_id, m.topic, e)
+
+    async def _on_free(self, m: MeshMessage) -> None:
+        try:
+            sids = T.unpack_session_free(m.payload)
+        except WireError as e:
+            log.warning("%s: bad session-free message: %s", self.cfg.node_id, e)
+            return
+        span = self._span
+        assert span is not None
+        for sid in sids:
+            self._next.pop(sid, None)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, lambda: [span.free(s) for s in sids])
+
+    async def _on_activation(self, parsed: T.LayerTopic, m: MeshMessage) -> None:
+        cfg = self.cfg
+        try:
+            msg = wire.decode(m.payload, max_bytes=cfg.max_payload_bytes)
+        except wire.WireDecodeError as e:
+            await self._reject(e.cid, e.sid, e.mid, "bad_message", str(e))
+            return
+        if not isinstance(msg, wire.ActivationMessage):
+            await self._reject(msg.cid, msg.sid, msg.mid, "bad_message", "expected an activation")
+            return
+        why = self._invalid(msg, parsed)
+        if why is not None:
+            await self._reject(msg.cid, msg.sid, msg.mid, "bad_message", why)
+            return
+        span = self._span
+        assert span is not None
+        hidden = msg.to_tensor().reshape(msg.n_tokens, self._hidden).to(span.dtype)
+        self._inbox.append(Work(msg, hidden, time.time()))
+        self._has_work.set()
+
+    def _invalid(self, msg: wire.ActivationMessage, parsed: T.LayerTopic) -> str | None:
+        cfg = self.cfg
+        if msg.model != cfg.model or parsed.model != cfg.model:
+            return f"model {msg.model!r} is not served by {cfg.node_id} ({cfg.model})"
+        if parsed.node_id not in (None, cfg.node_id):
+            return f"message for node {parsed.node_id} reached {cfg.node_id}"
+        if not cfg.start <= msg.layer < cfg.end or msg.layer != parsed.layer:
+            return (
+                f"layer {msg.layer} is not hosted by {cfg.node_id} "
+                f"(layers [{cfg.start}, {cfg.end}))"
+            )
+        if len(msg.shape) != 2 or msg.shape[1] != self._hidden:
+            return f"shape {list(msg.shape)} is not (tokens, {self._hidden})"
+        return None
+
+    async def _reject(
+        self,
+        cid: str | None,
+        sid: str | None,
+        ref: str | None,
+        code: str,
+        text: str,
+    ) -> None:
+        """Log a refused message once and tell its client, when it named one."""
+        log.warning("%s: refused message %s from %s: %s", self.cfg.node_id, ref, cid, text)
+        if cid is None or self._mesh is None:
+            return
+        err = wire.ErrorMessage(
+            code=code,
+            text=f"{self.cfg.node_id}: {text}",
+            cid=T.ClientId(cid),
+            sid=None if sid is None else T.SessionId(sid),
+            ref=None if ref is None else T.MessageId(ref),
+            meta={"node": self.cfg.node_id},
+        )
+        try:
+            await self._mesh.publish(self.topics.client_result(cid), wire.encode(err))
+        except JarvisError as e:
+            log.warning("%s: could not send error to %s: %s", self.cfg.node_id, cid, e)
+
+    # -- computing -----------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Work]:
+        """Waiting work that can share one forward: same entry layer, distinct sessions."""
+        if not self._inbox:
+            return []
+        first = self._inbox[0]
+        batch: list[Work] = []
+        rest: collections.deque[Work] = collections.deque()
+        sessions: set[str] = set()
+        tokens = 0
+        while self._inbox:
+            w = self._inbox.popleft()
+            fits = tokens + w.msg.n_tokens <= self.cfg.max_batch_tokens or not batch
+            if w.msg.layer == first.msg.layer and w.msg.sid not in sessions and fits:
+                batch.append(w)
+                sessions.add(w.msg.sid)
+                tokens += w.msg.n_tokens
+            else:
+                rest.append(w)
+        self._inbox = rest
+        return batch
+
+    def _forward(self, batch: Sequence[Work]) -> list[Outcome]:
+        """Runs on the worker thread: one packed step, or one by one if a session fails."""
+        span = self._span
+        assert span is not None
+        skip = range(self.cfg.start, batch[0].msg.layer)  # entered mid-span
+        segments = [Segment(w.msg.sid, w.msg.pos, w.msg.n_tokens) for w in batch]
+        try:
+            out = span(torch.cat([w.hidden for w in batch]), segments, skip=skip)
+            outcomes, row = [], 0
+            for w in batch:
+                outcomes.append(Outcome(w, out[row : row + w.msg.n_tokens]))
+                row += w.msg.n_tokens
+        except SessionError as e:
+            if len(batch) == 1:
+                outcomes = [Outcome(batch[0], error=e)]
+            else:  # find which session failed; the others still get served
+                outcomes = [o for w in batch for o in self._forward([w])]
+        self.load = Load(
+            sessions=len(span.sessions),
+            kv_bytes=span.kv_bytes,
+            steps=self.load.steps + 1,
+            tokens=self.load.tokens + sum(w.msg.n_tokens for w in batch),
+        )
+        return outcomes
+
+    async def _compute(self, mesh: MeshClient) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._has_work.wait()
+            batch = self._take_batch()
+            if not self._inbox:
+                self._has_work.clear()
+            if not batch:
+                continue
+            outcomes = await loop.run_in_executor(self._worker, self._forward, batch)
+            for o in outcomes:
+                await self._send_on(mesh, o)
+
+    async def _send_on(self, mesh: MeshClient, o: Outcome) -> None:
+        msg = o.work.msg
+        if o.error is not None or o.hidden is None:
+            await self._reject(msg.cid, msg.sid, msg.mid, "session", str(o.error))
+            return
+        cfg = self.cfg
+        allow_skip = bool(msg.meta.get("allow_skip", False))
+        never_skip = msg.meta.get("never_skip", [])
+        try:
+            hop = next_hop(
+                self.view.live(cfg.model),
+                cfg.end,
+                self._num_layers,
+                prefer=self._next.get(msg.sid),
+                allow_skip=allow_skip,
+                never_skip=never_skip if isinstance(never_skip, list) else [],
+            )
+        except MeshError as e:
+            await self._reject(msg.cid, msg.sid, msg.mid, "no_route", str(e))
+            return
+        route = (
+            *msg.route,
+            wire.RouteHop(T.NodeId(cfg.node_id), msg.layer, cfg.end, o.work.t_in, time.time()),
+        )
+        skipped = tuple(sorted({*msg.skipped, *hop.skipped}))
+        common: dict[str, Any] = dict(
+            sid=msg.sid, cid=msg.cid, model=msg.model, step=msg.step, pos=msg.pos,
+            route=route, skipped=skipped, meta=msg.meta,
+        )  # fmt: skip
+        if hop.node_id is None:
+            # The client needs the last position only: it samples from it.
+            out: wire.ActivationMessage | wire.ResultMessage = wire.ResultMessage.from_tensor(
+                o.hidden[-1:],
+                layer=self._num_layers,
+                **{**common, "pos": msg.pos + msg.n_tokens - 1},
+            )
+            topic = self.topics.client_result(msg.cid)
+        else:
+            self._next[msg.sid] = hop.node_id
+            out = wire.ActivationMessage.from_tensor(o.hidden, layer=hop.enter, **common)
+            topic = self.topics.node_layer(cfg.model, hop.enter, hop.node_id)
+        try:
+            await mesh.publish(topic, wire.encode(out))
+        except JarvisError as e:
+            log.warning("%s: could not forward %s: %s", cfg.node_id, msg.mid, e)

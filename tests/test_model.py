@@ -1,0 +1,180 @@
+"""The runtime against Hugging Face transformers, on tiny random models of every family."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from jarvis_mqtt.errors import SessionError
+from jarvis_mqtt.importers import import_hf_dir
+from jarvis_mqtt.model import Segment
+from jarvis_mqtt.runtime import LayerSpan, load_client_stages
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def _config(family: str):  # type: ignore[no-untyped-def]
+    if family == "llama":
+        return transformers.LlamaConfig(**COMMON, num_hidden_layers=5, tie_word_embeddings=False)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**COMMON, num_hidden_layers=5, tie_word_embeddings=True)
+    if family == "gemma":
+        return transformers.GemmaConfig(**COMMON, num_hidden_layers=5, head_dim=16)
+    # Six layers so one is global and five slide; a window of 8 so prompts cross it.
+    return transformers.Gemma3TextConfig(
+        **COMMON, num_hidden_layers=6, head_dim=32, sliding_window=8, query_pre_attn_scalar=32
+    )
+
+
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tok.to_str()
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma", "gemma3"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A random-weight checkpoint of one family, written as HF files and imported."""
+    torch.manual_seed(0)
+    cfg = _config(request.param)
+    cfg._attn_implementation = "eager"
+    cfg.eos_token_id = VOCAB - 1
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # perturb norms too, so (1 + w) against w would show
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    src = tmp_path_factory.mktemp(f"hf-{request.param}")
+    model.save_pretrained(src)
+    (src / "tokenizer.json").write_text(_tokenizer_json())
+    md = import_hf_dir(src, name=f"tiny-{request.param}", out_root=src / "out", progress=False)
+    return model, md
+
+
+def _reference(model, ids: list[int]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def test_logits_match_transformers(tiny) -> None:  # type: ignore[no-untyped-def]
+    model, md = tiny
+    ids = [random.Random(1).randrange(VOCAB) for _ in range(21)]
+    embed, head = load_client_stages(md)
+    span = LayerSpan.load(md, 0, md.num_layers)
+    # Prefill in two chunks, then one decode step: all three paths of the attention.
+    out = [head(span(embed(torch.tensor(ids[:12])), [Segment("s", 0, 12)]))]
+    out.append(head(span(embed(torch.tensor(ids[12:20])), [Segment("s", 12, 8)])))
+    out.append(head(span(embed(torch.tensor(ids[20:])), [Segment("s", 20, 1)])))
+    torch.testing.assert_close(torch.cat(out), _reference(model, ids), atol=1e-3, rtol=0)
+
+
+def test_any_split_into_spans_matches_one_span(tiny) -> None:  # type: ignore[no-untyped-def]
+    _, md = tiny
+    n = md.num_layers
+    ids = torch.tensor([random.Random(2).randrange(VOCAB) for _ in range(13)])
+    embed, head = load_client_stages(md)
+    whole = head(LayerSpan.load(md, 0, n)(embed(ids), [Segment("s", 0, 13)]))
+    rng = random.Random(3)
+    for _ in range(3):
+        cuts = sorted(rng.sample(range(1, n), rng.randint(1, n - 1)))
+        bounds = [0, *cuts, n]
+        h = embed(ids)
+        for a, b in itertools.pairwise(bounds):
+            h = LayerSpan.load(md, a, b)(h, [Segment("s", 0, 13)])
+        torch.testing.assert_close(head(h), whole, atol=1e-5, rtol=0)
+
+
+def test_packed_batch_of_sessions_matches_separate_runs(tiny) -> None:  # type: ignore[no-untyped-def]
+    model, md = tiny
+    embed, head = load_client_stages(md)
+    span = LayerSpan.load(md, 0, md.num_layers)
+    rng = random.Random(4)
+    prompts = {s: [rng.randrange(VOCAB) for _ in range(n)] for s, n in [("a", 5), ("b", 11)]}
+    for s, ids in prompts.items():  # each session prefilled alone, to a different length
+        span(embed(torch.tensor(ids)), [Segment(s, 0, len(ids))])
+    # One step: "a" decodes one token, "b" decodes one, "c" is a fresh 7-token prefill.
+    c_ids = [rng.randrange(VOCAB) for _ in range(7)]
+    step = {"a": [3], "b": [9], "c": c_ids}
+    segments = [
+        Segment("a", 5, 1),
+        Segment("b", 11, 1),
+        Segment("c", 0, 7),
+    ]
+    tokens = torch.tensor([t for s in ("a", "b", "c") for t in step[s]])
+    logits = head(span(embed(tokens), segments))
+    torch.testing.assert_close(
+        logits[0], _reference(model, prompts["a"] + [3])[-1], atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(
+        logits[1], _reference(model, prompts["b"] + [9])[-1], atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(logits[2:], _reference(model, c_ids), atol=1e-3, rtol=0)
+
+
+def test_greedy_generation_token_identical(tiny) -> None:  # type: ignore[no-untyped-def]
+    from jarvis_mqtt.generate import LocalModel
+    from jarvis_mqtt.sampling import SamplingParams
+
+    model, md = tiny
+    prompt = [5, 17, 33, 2, 99]
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False
+        )[0, len(prompt) :].tolist()
+    local = LocalModel(md)
+    params = SamplingParams(max_new_tokens=32)
+    # min_new_tokens above stops transformers at EOS; do the same by ignoring our EOS rule.
+    local.tokenizer.eos_token_ids = frozenset()
+    ours = [e.token_id for e in local.generate(prompt, params)]
+    assert ours == ref
+
+
+def test_session_errors_and_budget(tiny) -> None:  # type: ignore[no-untyped-def]
+    _, md = tiny
+    embed, _ = load_client_stages(md)
+    one = LayerSpan.load(md, 0, 2)._cache_bytes(256)  # one session's first cache chunk
+    budget = 2 * one + one // 2  # room for two sessions, not three
+    span = LayerSpan.load(md, 0, 2, kv_budget_bytes=budget, max_seq_len=300)
+    h = embed(torch.tensor([1, 2, 3]))
+    with pytest.raises(SessionError, match="unknown session"):
+        span(h[:1], [Segment("nope", 4, 1)])
+    span(h, [Segment("a", 0, 3)])
+    with pytest.raises(SessionError, match="skips ahead"):
+        span(h[:1], [Segment("a", 7, 1)])
+    with pytest.raises(SessionError, match="context full"):
+        span(h[:1], [Segment("a", 300, 1)])
+    with pytest.raises(SessionError, match="KV memory full"):
+        for i in range(100):
+            span(h, [Segment(f"s{i}", 0, 3)])
+    assert span.kv_bytes <= budget and len(span.sessions) == 2
+    assert span.free("a") and not span.free("a")
+    live = set(span.sessions)
+    assert live and set(span.expire(now=1e18)) == live
+    assert span.sessions == {}
+
+
+def test_bfloat16_runs_close_to_float32(tiny) -> None:  # type: ignore[no-untyped-def]
+    _, md = tiny
+    ids = torch.tensor([7, 8, 9, 10])
+    outs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        embed, head = load_client_stages(md, dtype)
+        span = LayerSpan.load(md, 0, md.num_layers, dtype=dtype)
+        outs.append(head(span(embed(ids), [Segment("s", 0, 4)])))
+    assert outs[1].dtype == torch.float32  # logits are always float32
+    assert torch.argmax(outs[0], -1).tolist() == torch.argmax(outs[1], -1).tolist()
