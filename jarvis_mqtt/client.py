@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -24,20 +24,29 @@ from jarvis_mqtt import wire
 from jarvis_mqtt.brokers import BrokerAddress
 from jarvis_mqtt.checkpoint import ModelDir
 from jarvis_mqtt.errors import MeshError, WireError
+from jarvis_mqtt.forwarder import Forwarder
 from jarvis_mqtt.generate import Generation, TokenEvent
 from jarvis_mqtt.membership import MeshView, format_layers
-from jarvis_mqtt.routing import next_hop
 from jarvis_mqtt.runtime import load_client_stages
 from jarvis_mqtt.sampling import SamplingParams
 from jarvis_mqtt.transport import MeshClient
 
 log = logging.getLogger("jarvis.client")
+CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
 
 
 async def wait_for_nodes(
-    brokers: Sequence[BrokerAddress], root: str, node_ids: Sequence[str], timeout: float
+    brokers: Sequence[BrokerAddress],
+    root: str,
+    node_ids: Sequence[str],
+    timeout: float,
+    pids: Mapping[str, int] | None = None,
 ) -> None:
-    """Return once every node in `node_ids` has a retained online status; MeshError on timeout."""
+    """Return once every node in `node_ids` is online; MeshError on timeout.
+
+    With `pids`, only a status from that process counts: a node restarted under the same id
+    may still have its predecessor's retained status on the brokers for a few milliseconds.
+    """
     topics = T.Topics(root)
     view = MeshView()
     want = set(node_ids)
@@ -51,7 +60,10 @@ async def wait_for_nodes(
                             view.update(T.unpack_status(m.payload))
                         except WireError:
                             continue
-                    if want <= {s.node_id for s in view.live()}:
+                    up = {
+                        s.node_id for s in view.live() if not pids or pids.get(s.node_id) == s.pid
+                    }
+                    if want <= up:
                         return
         except TimeoutError:
             missing = sorted(want - {s.node_id for s in view.live()})
@@ -87,8 +99,8 @@ class RemoteModel:
         topic_root: str = "jarvis",
         client_id: str | None = None,
         step_timeout: float = 60.0,  # seconds for one trip through all layers
-        allow_skip: bool = False,  # route around layers nobody hosts (JARVIS layer skipping)
-        never_skip: Sequence[int] = (),
+        allow_skip: bool = True,  # route around layers nobody hosts (JARVIS layer skipping)
+        never_skip: Sequence[int] | None = None,  # None: the first and the last layer
         dtype: torch.dtype | None = None,
     ) -> None:
         self.model_dir = model_dir
@@ -99,7 +111,9 @@ class RemoteModel:
         self.client_id = T.ClientId(client_id or T.new_client_id("chat"))
         self.step_timeout = step_timeout
         self.allow_skip = allow_skip
-        self.never_skip = list(never_skip)
+        self.never_skip = (
+            [0, self.num_layers - 1] if never_skip is None else sorted(set(never_skip))
+        )
         self.tokenizer = model_dir.tokenizer()
         self.embed, self.head = load_client_stages(model_dir, dtype)
         self.view = MeshView()
@@ -107,7 +121,8 @@ class RemoteModel:
         self._pending: dict[tuple[str, int], asyncio.Future[wire.ResultMessage]] = {}
         self._mesh: MeshClient | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._forwarder: Forwarder | None = None
         self._view_changed = asyncio.Event()
 
     @classmethod
@@ -124,9 +139,17 @@ class RemoteModel:
         try:
             await self._mesh.subscribe(self.topics.client_result(self.client_id))
             await self._mesh.subscribe(self.topics.all_node_status())
+            await self._mesh.subscribe(self.topics.ack(self.client_id))
+            self._forwarder = Forwarder(
+                self._mesh, self.topics, self.view, model=self.model,
+                num_layers=self.num_layers, me=self.client_id, on_error=self._fail,
+            )  # fmt: skip
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
-            self._reader = self._tg.create_task(self._read(self._mesh), name="client reader")
+            self._tasks = [
+                self._tg.create_task(self._read(self._mesh), name="client reader"),
+                self._tg.create_task(self._custody(self._forwarder), name="client custody"),
+            ]
         except BaseException:
             await self._mesh.__aexit__(None, None, None)
             raise
@@ -141,8 +164,8 @@ class RemoteModel:
         if self.sessions and self._mesh is not None:
             with contextlib.suppress(MeshError):  # else nodes expire them by TTL
                 await self.free(list(self.sessions))
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._tg is not None:
             await self._tg.__aexit__(None, None, None)
         if self._mesh is not None:
@@ -166,6 +189,22 @@ class RemoteModel:
                 self._view_changed.set()
             elif isinstance(parsed, T.ClientResultTopic):
                 self._on_result(m.payload)
+            elif isinstance(parsed, T.AckTopic) and self._forwarder is not None:
+                try:
+                    await self._forwarder.on_ack(T.unpack_ack(m.payload))
+                except WireError as e:
+                    log.warning("bad ack: %s", e)
+
+    async def _custody(self, forwarder: Forwarder) -> None:
+        while True:
+            await asyncio.sleep(CUSTODY_TICK)
+            await forwarder.tick()
+
+    async def _fail(self, cid: str, sid: str, ref: str, code: str, text: str) -> None:
+        """The first hop could not be delivered anywhere: fail the step waiting on it."""
+        for (s, _), fut in list(self._pending.items()):
+            if s == sid and not fut.done():
+                fut.set_exception(MeshError(text))
 
     def _on_result(self, payload: bytes) -> None:
         try:
@@ -203,36 +242,17 @@ class RemoteModel:
         """Feed `tokens` at positions from `start` through every layer; logits of the last."""
         assert self._mesh is not None, "use `async with RemoteModel(...)`"
         route = self.sessions.setdefault(session, SessionRoute())
-        hop = next_hop(
-            self.view.live(self.model),
-            0,
-            self.num_layers,
-            prefer=route.first,
-            allow_skip=self.allow_skip,
-            never_skip=self.never_skip,
-        )
-        if hop.node_id is None:
-            raise MeshError("every layer would be skipped")
-        route.first = hop.node_id
+        assert self._forwarder is not None
         hidden = self.embed(torch.tensor(list(tokens)))
-        msg = wire.ActivationMessage.from_tensor(
-            hidden,
-            sid=T.SessionId(session),
-            cid=self.client_id,
-            model=self.model,
-            step=route.steps,
-            pos=start,
-            layer=hop.enter,
-            skipped=hop.skipped,
-            meta={"allow_skip": self.allow_skip, "never_skip": self.never_skip},
-        )
         key = (session, route.steps)
         fut: asyncio.Future[wire.ResultMessage] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         try:
-            await self._mesh.publish(
-                self.topics.node_layer(self.model, hop.enter, hop.node_id), wire.encode(msg)
-            )
+            meta = {"allow_skip": self.allow_skip, "never_skip": self.never_skip}
+            route.first = await self._forwarder.send(
+                hidden, layer=0, pos=start, step=route.steps, sid=session,
+                cid=self.client_id, meta=meta,
+            )  # fmt: skip
             async with asyncio.timeout(self.step_timeout):
                 result = await fut
         except TimeoutError:
@@ -243,12 +263,14 @@ class RemoteModel:
         finally:
             self._pending.pop(key, None)
         route.steps += 1
-        hops = [
+        replayed = result.meta.get("replayed") or []
+        hops: list[dict[str, Any]] = [
             {
                 "node": h.node,
                 "start": h.start,
                 "end": h.end,
                 "ms": round((h.t_out - h.t_in) * 1e3, 3),
+                "replay": h.node in replayed,  # rebuilt its cache from a replay for this token
             }
             for h in result.route
         ]
@@ -266,6 +288,8 @@ class RemoteModel:
         assert self._mesh is not None
         for sid in sessions:
             self.sessions.pop(sid, None)
+            if self._forwarder is not None:
+                self._forwarder.forget(sid)
         await self._mesh.publish(
             self.topics.session_free(self.model), T.pack_session_free(map(T.SessionId, sessions))
         )

@@ -21,5 +21,13 @@ class SessionError(JarvisError):
     """A session that is unknown, expired, or does not fit in the KV memory left."""
 
 
+class CacheMissError(SessionError):
+    """This span holds fewer positions of a session than a message needs: replay from `have`."""
+
+    def __init__(self, text: str, *, session: str, have: int) -> None:
+        super().__init__(text)
+        self.session, self.have = session, have
+
+
 class MeshError(JarvisError):
     """The mesh cannot serve a request: layers missing, brokers unreachable, timeouts."""

@@ -197,9 +197,10 @@ class LocalMesh:
         from jarvis_mqtt.client import wait_for_nodes
 
         try:
+            pids = {n.node_id: n.pid for n in self.nodes}
             asyncio.run(
                 wait_for_nodes(
-                    self.addresses, self.topic_root, node_ids, timeout or self.ready_timeout
+                    self.addresses, self.topic_root, node_ids, timeout or self.ready_timeout, pids
                 )
             )
         except MeshError as e:

@@ -64,9 +64,13 @@ def _rope_theta(config: Mapping[str, Any], layer_type: str | None = None) -> flo
     return None
 
 
-def _rope_scaling(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+def _rope_scaling(
+    config: Mapping[str, Any], layer_type: str | None = None
+) -> tuple[tuple[str, Any], ...] | None:
     scaling = config.get("rope_scaling")
     params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and isinstance(params.get(layer_type), Mapping):
+        params = params[layer_type]  # Gemma 3 on transformers 5: per layer type
     if scaling is None and isinstance(params, Mapping) and "rope_type" in params:
         scaling = params
     if not scaling:
@@ -159,7 +163,8 @@ class ModelArgs:
             rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(theta),
             rope_local_theta=None if local is None else float(local),
-            rope_scaling=None if family == "gemma3" else _rope_scaling(config),
+            # Gemma 3 (4B and up) scales only its global layers; the sliding ones never are.
+            rope_scaling=_rope_scaling(config, "full_attention"),
             max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", gemma)),
             attention_bias=bool(config.get("attention_bias", family == "qwen2")),
@@ -268,8 +273,11 @@ class RopeTable:
     sin: torch.Tensor
 
     @classmethod
-    def build(cls, args: ModelArgs, theta: float, max_len: int, dtype: torch.dtype) -> RopeTable:
-        scaling = dict(args.rope_scaling) if args.rope_scaling else None
+    def build(
+        cls, args: ModelArgs, theta: float, max_len: int, dtype: torch.dtype, *, scaled: bool
+    ) -> RopeTable:
+        """Tables for positions `[0, max_len)`; `scaled` applies the config's RoPE scaling."""
+        scaling = dict(args.rope_scaling) if args.rope_scaling and scaled else None
         inv = _inv_freq(args, theta, scaling)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)

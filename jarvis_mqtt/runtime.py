@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from jarvis_mqtt.errors import SessionError
+from jarvis_mqtt.errors import CacheMissError, SessionError
 from jarvis_mqtt.model import (
     DecoderLayer,
     LayerCache,
@@ -141,12 +141,18 @@ class LayerSpan(nn.Module):
         self.session_ttl = session_ttl
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(start, end))
         self.sessions: dict[str, SessionState] = {}
-        self._rope_global = RopeTable.build(args, args.rope_theta, self.max_seq_len, dtype)
-        self._rope_local = (
-            RopeTable.build(args, args.rope_local_theta, self.max_seq_len, dtype)
-            if args.rope_local_theta is not None
-            else self._rope_global
+        self._build_ropes()
+
+    def _build_ropes(self) -> None:
+        a = self.args
+        self._rope_global = RopeTable.build(
+            a, a.rope_theta, self.max_seq_len, self.dtype, scaled=True
         )
+        self._rope_local = self._rope_global
+        if a.rope_local_theta is not None:
+            self._rope_local = RopeTable.build(
+                a, a.rope_local_theta, self.max_seq_len, self.dtype, scaled=False
+            )
 
     @classmethod
     def load(
@@ -163,13 +169,7 @@ class LayerSpan(nn.Module):
         dtype = dtype or model_dir.dtype
         with torch.device("meta"):
             span = cls(args, start, end, dtype=dtype, **kwargs)  # type: ignore[arg-type]
-        # RoPE tables must be real tensors, not meta: rebuild them outside the meta context.
-        span._rope_global = RopeTable.build(args, args.rope_theta, span.max_seq_len, dtype)
-        span._rope_local = (
-            RopeTable.build(args, args.rope_local_theta, span.max_seq_len, dtype)
-            if args.rope_local_theta is not None
-            else span._rope_global
-        )
+        span._build_ropes()  # RoPE tables must be real tensors, not meta ones
         for layer in span.layers:
             assert isinstance(layer, DecoderLayer)
             layer.load_state_dict(_cast(model_dir.load_layer(layer.index), dtype), assign=True)
@@ -221,11 +221,17 @@ class LayerSpan(nn.Module):
                 )
             state = self.sessions.get(seg.session)
             if state is None and seg.start != 0:
-                raise SessionError(f"unknown session {seg.session} (position {seg.start})")
+                raise CacheMissError(
+                    f"unknown session {seg.session} (position {seg.start})",
+                    session=seg.session,
+                    have=0,
+                )
             if state is not None and seg.start > state.length:
-                raise SessionError(
+                raise CacheMissError(
                     f"session {seg.session}: position {seg.start} skips ahead of the "
-                    f"{state.length} cached"
+                    f"{state.length} cached",
+                    session=seg.session,
+                    have=state.length,
                 )
             have = state.capacity if state else 0
             new_cap = have

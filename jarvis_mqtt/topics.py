@@ -9,6 +9,7 @@ matters, the model name, so several models and test runs share one mesh without 
 | `{root}/m/{model}/layer/{layer}/{node_id}` | `wire.ActivationMessage` for one node | no    |
 | `{root}/m/{model}/free`            | msgpack list of session ids               | no       |
 | `{root}/node/{node_id}/status`     | msgpack map, `membership.NodeStatus`      | yes      |
+| `{root}/ack/{node_or_client_id}`   | msgpack `Ack` (passed on, or replay from)  | no       |
 | `{root}/client/{client_id}/result` | `wire.ResultMessage` or `wire.ErrorMessage` | no     |
 """
 
@@ -93,7 +94,10 @@ NODE_STATUS = TopicSpec("{root}/node/{node_id}/status", "msgpack NodeStatus", re
 CLIENT_RESULT = TopicSpec(
     "{root}/client/{client_id}/result", "wire.ResultMessage | wire.ErrorMessage"
 )
-ALL_SPECS = (LAYER, NODE_LAYER, SESSION_FREE, NODE_STATUS, CLIENT_RESULT)
+# A node acknowledges to whoever sent it an activation (the node before it, or the client) once
+# it has passed its output on; the sender keeps the message until then (chain of custody).
+ACK = TopicSpec("{root}/ack/{name}", "msgpack Ack")
+ALL_SPECS = (LAYER, NODE_LAYER, ACK, SESSION_FREE, NODE_STATUS, CLIENT_RESULT)
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,14 @@ class ClientResultTopic:
     client_id: ClientId
 
 
-ParsedTopic = LayerTopic | SessionFreeTopic | NodeStatusTopic | ClientResultTopic
+@dataclass(frozen=True)
+class AckTopic:
+    """Parsed `{root}/ack/{name}`."""
+
+    name: str
+
+
+ParsedTopic = LayerTopic | SessionFreeTopic | NodeStatusTopic | ClientResultTopic | AckTopic
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,10 @@ class Topics:
         """Wildcard over every node's status."""
         return f"{self.root}/node/+/status"
 
+    def ack(self, name: NodeId | ClientId | str) -> str:
+        """Where acknowledgements for activations sent by node or client `name` go."""
+        return f"{self.root}/ack/{check_name(name, 'ack receiver')}"
+
     def client_result(self, client_id: ClientId | str) -> str:
         """Where results and errors for one client go."""
         return f"{self.root}/client/{check_name(client_id, 'client id')}/result"
@@ -189,6 +204,8 @@ class Topics:
                 return NodeStatusTopic(NodeId(node_id))
             case ["client", client_id, "result"] if is_name(client_id):
                 return ClientResultTopic(ClientId(client_id))
+            case ["ack", name] if is_name(name):
+                return AckTopic(name)
         raise WireError(f"unknown topic {topic!r}")
 
 
@@ -231,3 +248,28 @@ def unpack_status(payload: bytes) -> NodeStatus:
     if not is_name(status.node_id) or not is_name(status.model):
         raise WireError(f"node status with a bad node id or model: {status.node_id!r}")
     return status
+
+
+@dataclass(frozen=True)
+class Ack:
+    """`by` passed message `mid` on; with `need_from` set it asks for a replay from there."""
+
+    mid: MessageId
+    by: NodeId
+    need_from: int | None = None  # position the receiver's cache ends at: replay from it
+
+
+def pack_ack(ack: Ack) -> bytes:
+    """Payload of an acknowledgement."""
+    return msgpack.packb({"mid": ack.mid, "by": ack.by, "need_from": ack.need_from})
+
+
+def unpack_ack(payload: bytes) -> Ack:
+    """An acknowledgement from its payload; WireError when malformed."""
+    d = _unpack(payload, "ack")
+    if not isinstance(d, dict) or not is_message_id(d.get("mid")) or not is_name(d.get("by")):
+        raise WireError("ack is not a map with a message id and a node id")
+    need = d.get("need_from")
+    if need is not None and not (isinstance(need, int) and 0 <= need <= 1 << 31):
+        raise WireError(f"ack need_from {need!r} is not a position")
+    return Ack(MessageId(d["mid"]), NodeId(d["by"]), need)

@@ -24,15 +24,16 @@ import torch
 from jarvis_mqtt import topics as T
 from jarvis_mqtt import wire
 from jarvis_mqtt.checkpoint import ModelDir
-from jarvis_mqtt.errors import JarvisError, MeshError, SessionError, WireError
+from jarvis_mqtt.errors import CacheMissError, JarvisError, MeshError, SessionError, WireError
+from jarvis_mqtt.forwarder import Forwarder, send_ack
 from jarvis_mqtt.membership import MeshView, NodeStatus
 from jarvis_mqtt.model import Segment, dtype_from_name
-from jarvis_mqtt.routing import next_hop
 from jarvis_mqtt.runtime import LayerSpan
 from jarvis_mqtt.transport import LastWill, MeshClient, MeshMessage
 from node_agent.config import NodeConfig
 
 log = logging.getLogger("jarvis.node")
+CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
 
 
 @dataclass
@@ -78,7 +79,7 @@ class NodeAgent:
         self._has_work = asyncio.Event()
         # One thread owns the span (weights and KV caches): forwards, frees and expiry queue up.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"span-{cfg.node_id}")
-        self._next: dict[str, str] = {}  # session -> node that holds its next span's cache
+        self._forwarder: Forwarder | None = None  # set once the mesh is up
         self._span: LayerSpan | None = None
         self._mesh: MeshClient | None = None
         self._num_layers = 0
@@ -153,6 +154,11 @@ class NodeAgent:
             self._mesh = mesh
             for layer in range(cfg.start, cfg.end):
                 await mesh.subscribe(self.topics.node_layer(cfg.model, layer, cfg.node_id))
+            self._forwarder = Forwarder(
+                mesh, self.topics, self.view, model=cfg.model, num_layers=md.num_layers,
+                me=cfg.node_id, on_error=self._reject_str,
+            )  # fmt: skip
+            await mesh.subscribe(self.topics.ack(cfg.node_id))
             await mesh.subscribe(self.topics.session_free(cfg.model))
             await mesh.subscribe(self.topics.all_node_status())
             await mesh.publish(status_topic, T.pack_status(self.status()), retain=True)
@@ -165,6 +171,7 @@ class NodeAgent:
                         tg.create_task(self._compute(mesh), name="compute"),
                         tg.create_task(self._heartbeat(mesh, status_topic), name="heartbeat"),
                         tg.create_task(self._expire(), name="expire"),
+                        tg.create_task(self._custody(), name="custody"),
                     ]
                     await self.stop.wait()
                     for t in tasks:
@@ -187,14 +194,19 @@ class NodeAgent:
             except JarvisError as e:  # every broker down: keep trying, the links reconnect
                 log.warning("%s: heartbeat not sent: %s", self.cfg.node_id, e)
 
+    async def _custody(self) -> None:
+        while True:
+            await asyncio.sleep(CUSTODY_TICK)
+            assert self._forwarder is not None
+            await self._forwarder.tick()
+
     async def _expire(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(30.0, self.cfg.session_ttl / 4))
-            span = self._span
-            assert span is not None
-            for sid in await loop.run_in_executor(self._worker, span.expire):
-                self._next.pop(sid, None)
+            for sid in await loop.run_in_executor(self._worker, self._expire_sessions):
+                if self._forwarder is not None:
+                    self._forwarder.forget(sid)
                 log.info("%s: session %s expired", self.cfg.node_id, sid)
 
     # -- receiving -----------------------------------------------------------------------------
@@ -212,6 +224,13 @@ class NodeAgent:
                 await self._on_free(m)
             elif isinstance(parsed, T.LayerTopic):
                 await self._on_activation(parsed, m)
+            elif isinstance(parsed, T.AckTopic) and self._forwarder is not None:
+                try:
+                    ack = T.unpack_ack(m.payload)
+                except WireError as e:
+                    log.warning("%s: bad ack: %s", self.cfg.node_id, e)
+                    continue
+                await self._forwarder.on_ack(ack)
 
     def _on_status(self, parsed: T.NodeStatusTopic, m: MeshMessage) -> None:
         if not m.payload:
@@ -231,9 +250,16 @@ class NodeAgent:
         span = self._span
         assert span is not None
         for sid in sids:
-            self._next.pop(sid, None)
+            if self._forwarder is not None:
+                self._forwarder.forget(sid)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._worker, lambda: [span.free(s) for s in sids])
+
+        def free() -> None:
+            for s in sids:
+                span.free(s)
+            self._measure()
+
+        await loop.run_in_executor(self._worker, free)
 
     async def _on_activation(self, parsed: T.LayerTopic, m: MeshMessage) -> None:
         cfg = self.cfg
@@ -269,6 +295,9 @@ class NodeAgent:
         if len(msg.shape) != 2 or msg.shape[1] != self._hidden:
             return f"shape {list(msg.shape)} is not (tokens, {self._hidden})"
         return None
+
+    async def _reject_str(self, cid: str, sid: str, ref: str, code: str, text: str) -> None:
+        await self._reject(cid or None, sid or None, ref or None, code, text)
 
     async def _reject(
         self,
@@ -335,13 +364,26 @@ class NodeAgent:
                 outcomes = [Outcome(batch[0], error=e)]
             else:  # find which session failed; the others still get served
                 outcomes = [o for w in batch for o in self._forward([w])]
+        self._measure(steps=1, tokens=sum(w.msg.n_tokens for w in batch))
+        return outcomes
+
+    def _expire_sessions(self) -> list[str]:
+        """Worker thread: free sessions idle past their TTL."""
+        assert self._span is not None
+        gone = self._span.expire()
+        self._measure()
+        return gone
+
+    def _measure(self, steps: int = 0, tokens: int = 0) -> None:
+        """Worker thread: refresh the load snapshot the heartbeat publishes."""
+        span = self._span
+        assert span is not None
         self.load = Load(
             sessions=len(span.sessions),
             kv_bytes=span.kv_bytes,
-            steps=self.load.steps + 1,
-            tokens=self.load.tokens + sum(w.msg.n_tokens for w in batch),
+            steps=self.load.steps + steps,
+            tokens=self.load.tokens + tokens,
         )
-        return outcomes
 
     async def _compute(self, mesh: MeshClient) -> None:
         loop = asyncio.get_running_loop()
@@ -358,46 +400,43 @@ class NodeAgent:
 
     async def _send_on(self, mesh: MeshClient, o: Outcome) -> None:
         msg = o.work.msg
+        cfg = self.cfg
+        upstream = msg.route[-1].node if msg.route else msg.cid
+        if isinstance(o.error, CacheMissError) and not msg.meta.get("replay"):
+            # A replica taking over, or a node that restarted: ask the sender for a replay.
+            log.info("%s: session %s needs a replay from %d", cfg.node_id, msg.sid, o.error.have)
+            ack = T.Ack(msg.mid, T.NodeId(cfg.node_id), need_from=o.error.have)
+            await send_ack(mesh, self.topics, upstream, ack)
+            return
         if o.error is not None or o.hidden is None:
             await self._reject(msg.cid, msg.sid, msg.mid, "session", str(o.error))
             return
-        cfg = self.cfg
-        allow_skip = bool(msg.meta.get("allow_skip", False))
-        never_skip = msg.meta.get("never_skip", [])
-        try:
-            hop = next_hop(
-                self.view.live(cfg.model),
-                cfg.end,
-                self._num_layers,
-                prefer=self._next.get(msg.sid),
-                allow_skip=allow_skip,
-                never_skip=never_skip if isinstance(never_skip, list) else [],
-            )
-        except MeshError as e:
-            await self._reject(msg.cid, msg.sid, msg.mid, "no_route", str(e))
-            return
-        route = (
-            *msg.route,
-            wire.RouteHop(T.NodeId(cfg.node_id), msg.layer, cfg.end, o.work.t_in, time.time()),
-        )
-        skipped = tuple(sorted({*msg.skipped, *hop.skipped}))
-        common: dict[str, Any] = dict(
-            sid=msg.sid, cid=msg.cid, model=msg.model, step=msg.step, pos=msg.pos,
-            route=route, skipped=skipped, meta=msg.meta,
-        )  # fmt: skip
-        if hop.node_id is None:
+        hop = wire.RouteHop(T.NodeId(cfg.node_id), msg.layer, cfg.end, o.work.t_in, time.time())
+        route = (*msg.route, hop)
+        meta = dict(msg.meta)
+        hidden, pos = o.hidden, msg.pos
+        emit_from = meta.pop("emit_from", None)
+        if meta.pop("replay", False) and isinstance(emit_from, int):
+            # Rebuilt the cache from a replay: pass on only what the original message carried.
+            meta["replayed"] = [*meta.get("replayed", []), cfg.node_id]
+            hidden, pos = o.hidden[emit_from - msg.pos :], emit_from
+        if cfg.end == self._num_layers:
             # The client needs the last position only: it samples from it.
-            out: wire.ActivationMessage | wire.ResultMessage = wire.ResultMessage.from_tensor(
-                o.hidden[-1:],
-                layer=self._num_layers,
-                **{**common, "pos": msg.pos + msg.n_tokens - 1},
-            )
-            topic = self.topics.client_result(msg.cid)
+            out = wire.ResultMessage.from_tensor(
+                hidden[-1:], sid=msg.sid, cid=msg.cid, model=msg.model, step=msg.step,
+                pos=pos + hidden.shape[0] - 1, layer=self._num_layers, route=route,
+                skipped=msg.skipped, meta=meta,
+            )  # fmt: skip
+            try:
+                await mesh.publish(self.topics.client_result(msg.cid), wire.encode(out))
+            except JarvisError as e:
+                log.warning("%s: could not send result %s: %s", cfg.node_id, msg.mid, e)
+                return  # no ack: the sender still holds it and will re-send
         else:
-            self._next[msg.sid] = hop.node_id
-            out = wire.ActivationMessage.from_tensor(o.hidden, layer=hop.enter, **common)
-            topic = self.topics.node_layer(cfg.model, hop.enter, hop.node_id)
-        try:
-            await mesh.publish(topic, wire.encode(out))
-        except JarvisError as e:
-            log.warning("%s: could not forward %s: %s", cfg.node_id, msg.mid, e)
+            assert self._forwarder is not None
+            await self._forwarder.send(
+                hidden, layer=cfg.end, pos=pos, step=msg.step, sid=msg.sid, cid=msg.cid,
+                route=route, skipped=msg.skipped, meta=meta,
+                history_rows=o.hidden, history_pos=msg.pos,
+            )  # fmt: skip
+        await send_ack(mesh, self.topics, upstream, T.Ack(msg.mid, T.NodeId(cfg.node_id)))

@@ -26,6 +26,6 @@ class NodeConfig:
     session_ttl: float = 600.0  # seconds idle before a session's cache is freed
     max_batch_tokens: int = 2048  # rows packed into one forward step
     max_payload_bytes: int = 64 << 20  # larger messages are refused
-    heartbeat: float = 1.0  # seconds between retained status refreshes
+    heartbeat: float = 0.5  # seconds between status refreshes; 3 missed = silently gone
     keepalive: int = 5  # MQTT keepalive, seconds; the broker sends the will after 1.5x
     graceful_timeout: float = 5.0  # seconds allowed for shutdown after SIGTERM

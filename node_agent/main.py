@@ -27,7 +27,7 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds idle")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--max-payload-mb", type=int, default=64)
-    p.add_argument("--heartbeat", type=float, default=1.0, help="seconds")
+    p.add_argument("--heartbeat", type=float, default=0.5, help="seconds")
     p.add_argument("--keepalive", type=int, default=5, help="MQTT keepalive seconds")
 
 

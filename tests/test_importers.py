@@ -58,13 +58,12 @@ def test_unpermute_inverts_llamacpp() -> None:
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
-def real(request: pytest.FixtureRequest) -> tuple[ModelDir, dict[str, torch.Tensor], Any]:
+def real(
+    request: pytest.FixtureRequest, hf_gguf_model: Any
+) -> tuple[ModelDir, dict[str, torch.Tensor], Any]:
     """(our import, transformers' dequantized state dict, its config) of one packaged GGUF."""
     md: ModelDir = request.getfixturevalue(f"{request.param}_dir")
-    gguf = Path(md.manifest["source"]["path"])
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
+    model = hf_gguf_model(md)
     return md, model.state_dict(), model.config
 
 

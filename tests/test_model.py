@@ -33,6 +33,17 @@ def _config(family: str):  # type: ignore[no-untyped-def]
         return transformers.Qwen2Config(**COMMON, num_hidden_layers=5, tie_word_embeddings=True)
     if family == "gemma":
         return transformers.GemmaConfig(**COMMON, num_hidden_layers=5, head_dim=16)
+    if family == "llama3-rope":  # Llama 3.1's frequency-dependent RoPE scaling
+        scaling = {
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+        }  # fmt: skip
+        return transformers.LlamaConfig(**COMMON, num_hidden_layers=3, rope_scaling=scaling)
+    if family == "gemma3-rope":  # Gemma 3 4B+: linear scaling on the global layers only
+        return transformers.Gemma3TextConfig(
+            **COMMON, num_hidden_layers=6, head_dim=32, sliding_window=8,
+            query_pre_attn_scalar=32, rope_scaling={"rope_type": "linear", "factor": 8.0},
+        )  # fmt: skip
     # Six layers so one is global and five slide; a window of 8 so prompts cross it.
     return transformers.Gemma3TextConfig(
         **COMMON, num_hidden_layers=6, head_dim=32, sliding_window=8, query_pre_attn_scalar=32
@@ -48,7 +59,9 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "gemma", "gemma3"])
+@pytest.fixture(
+    scope="module", params=["llama", "qwen2", "gemma", "gemma3", "llama3-rope", "gemma3-rope"]
+)
 def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A random-weight checkpoint of one family, written as HF files and imported."""
     torch.manual_seed(0)

@@ -64,3 +64,9 @@ def test_next_hop_skips_only_when_allowed() -> None:
 def test_format_layers() -> None:
     assert format_layers([9, 0, 1, 2, 7, 10]) == "0-2, 7, 9-10"
     assert format_layers([]) == ""
+
+
+def test_next_hop_counts_sessions_this_sender_placed() -> None:
+    live = [st("r1", 2, 4), st("r2", 2, 4)]
+    assert next_hop(live, 2, 4).node_id == "r1"
+    assert next_hop(live, 2, 4, extra_load={"r1": 1}).node_id == "r2"

@@ -152,13 +152,10 @@ def test_add_bos_inferred_from_post_processor(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
-def pair(request: pytest.FixtureRequest) -> tuple[str, Tokenizer, Any]:
+def pair(request: pytest.FixtureRequest, hf_gguf_tokenizer: Any) -> tuple[str, Tokenizer, Any]:
     """(model, our tokenizer, transformers' tokenizer read from the same GGUF)."""
-    transformers = pytest.importorskip("transformers")
     md: ModelDir = request.getfixturevalue(f"{request.param}_dir")
-    gguf = Path(md.manifest["source"]["path"])
-    ref = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return request.param, md.tokenizer(), ref
+    return request.param, md.tokenizer(), hf_gguf_tokenizer(md)
 
 
 @pytest.mark.slow

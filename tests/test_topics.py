@@ -11,6 +11,7 @@ from jarvis_mqtt.errors import ConfigError, WireError
 from jarvis_mqtt.membership import NodeStatus
 from jarvis_mqtt.topics import (
     ALL_SPECS,
+    AckTopic,
     ClientId,
     ClientResultTopic,
     LayerTopic,
@@ -47,13 +48,14 @@ def test_builders_match_the_declared_patterns() -> None:
     assert t.node_status(NodeId("pi-1")) == "jarvis/node/pi-1/status"
     assert t.all_node_status() == "jarvis/node/+/status"
     assert t.client_result(ClientId("chat-1")) == "jarvis/client/chat-1/result"
-    fields = {"root": "R", "model": "M", "layer": 3, "node_id": "N", "client_id": "C"}
+    fields = {"root": "R", "model": "M", "layer": 3, "node_id": "N", "client_id": "C", "name": "A"}
     built = {
         "R/m/M/layer/3": Topics("R").layer("M", 3),
         "R/m/M/layer/3/N": Topics("R").node_layer("M", 3, "N"),
         "R/m/M/free": Topics("R").session_free("M"),
         "R/node/N/status": Topics("R").node_status("N"),
         "R/client/C/result": Topics("R").client_result("C"),
+        "R/ack/A": Topics("R").ack("A"),
     }
     assert {spec.pattern.format(**fields) for spec in ALL_SPECS} == set(built.values())
     assert [s.retained for s in ALL_SPECS].count(True) == 1  # only node status is retained
@@ -65,6 +67,7 @@ def test_parse_round_trip_and_multi_level_root() -> None:
     assert t.parse(t.layer("m", 65535)) == LayerTopic("m", 65535)
     assert t.parse(t.node_layer("m", 2, "n")) == LayerTopic("m", 2, NodeId("n"))
     assert t.parse(t.session_free("m")) == SessionFreeTopic("m")
+    assert t.parse(t.ack("node-1")) == AckTopic("node-1")
     assert t.parse(t.node_status("n")) == NodeStatusTopic(NodeId("n"))
     assert t.parse(t.client_result("c")) == ClientResultTopic(ClientId("c"))
 
@@ -157,3 +160,16 @@ def test_status_payload() -> None:
     ):
         with pytest.raises(WireError):
             unpack_status(bad)
+
+
+def test_ack_round_trip_and_validation() -> None:
+    from jarvis_mqtt.topics import Ack, new_message_id, pack_ack, unpack_ack
+
+    for need in (None, 0, 17):
+        ack = Ack(new_message_id(), NodeId("n1"), need)
+        assert unpack_ack(pack_ack(ack)) == ack
+    for bad in (b"\xc1", msgpack.packb([1]), msgpack.packb({"mid": "x", "by": "n"})):
+        with pytest.raises(WireError):
+            unpack_ack(bad)
+    with pytest.raises(WireError):
+        unpack_ack(msgpack.packb({"mid": new_message_id(), "by": "n", "need_from": -1}))

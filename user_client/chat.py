@@ -81,7 +81,8 @@ class Chat:
             return "no reply yet"
         lines = []
         for h in self.last[-1].route:
-            lines.append(f"  [{h['start']:>3}, {h['end']:>3})  {h['node']}  {h['ms']} ms")
+            replay = "  (cache rebuilt by replay)" if h.get("replay") else ""
+            lines.append(f"  [{h['start']:>3}, {h['end']:>3})  {h['node']}  {h['ms']} ms{replay}")
         skipped = sorted({i for e in self.last for i in e.skipped})
         if skipped:
             lines.append(f"  skipped layers: {format_layers(skipped)}")

@@ -1,0 +1,118 @@
+"""Chain of custody for activations, and the per-session history a replay needs (pure logic).
+
+A sender (the client, or a node) keeps every activation it hands to the next node until that
+node acknowledges having passed its own output on. If the receiver dies first — its last will
+says offline, or its heartbeats stop (a silent cut: no TCP close, so the will would come late)
+— the sender still holds the message and sends it elsewhere: to a replica of the lost layers,
+or past them (layer skipping). A replica has no cache for the session, so it answers with an
+acknowledgement asking for a replay, and the sender replays the session's history from
+`History`, as Petals does. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from jarvis_mqtt.membership import MeshView
+
+ACK_TIMEOUT = 5.0  # seconds without an ack from a live-looking node before re-sending
+SILENT_AFTER = 1.5  # seconds without a heartbeat before a node counts as dead for a message
+
+
+@dataclass
+class Pending:
+    """An activation handed to `node`, entering at `layer`, for positions `[pos, pos + n)`."""
+
+    mid: str
+    sid: str
+    step: int
+    node: str
+    layer: int
+    pos: int
+    n: int
+    fields: Mapping[str, Any]  # cid, model, route, skipped, meta: what a re-send reuses
+    deadline: float  # monotonic seconds
+    failed: set[str] = field(default_factory=set)  # nodes that died holding this message
+
+
+@dataclass
+class History:
+    """Per session, the hidden states this sender sent downstream, position by position."""
+
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # sid -> (positions, hidden)
+
+    def store(self, sid: str, pos: int, hidden: torch.Tensor) -> None:
+        """Record `hidden` as positions `[pos, pos + len)`; a re-send overwrites what follows."""
+        old = self.rows.get(sid)
+        if old is None or pos == 0:
+            if pos != 0:
+                return  # a gap: we never saw the start, so we could not replay it anyway
+            self.rows[sid] = hidden.detach().clone()
+            return
+        if pos > old.shape[0]:
+            return
+        self.rows[sid] = torch.cat([old[:pos], hidden.detach()])
+
+    def get(self, sid: str, start: int, end: int) -> torch.Tensor | None:
+        """Positions `[start, end)` of a session, or None if they are not all held."""
+        rows = self.rows.get(sid)
+        if rows is None or end > rows.shape[0] or start >= end:
+            return None
+        return rows[start:end]
+
+    def forget(self, sid: str) -> None:
+        """Drop a session."""
+        self.rows.pop(sid, None)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held."""
+        return sum(t.numel() * t.element_size() for t in self.rows.values())
+
+
+@dataclass
+class Custody:
+    """Activations sent and not yet acknowledged, and which of them need acting on."""
+
+    ack_timeout: float = ACK_TIMEOUT
+    silent_after: float = SILENT_AFTER
+    pending: dict[str, Pending] = field(default_factory=dict)  # by message id
+
+    def track(self, p: Pending) -> None:
+        """Hold `p` until its receiver acknowledges it."""
+        self.pending[p.mid] = p
+
+    def acknowledged(self, mid: str) -> Pending | None:
+        """The receiver passed `mid` on (or asks for a replay of it): release it."""
+        return self.pending.pop(mid, None)
+
+    def due(self, view: MeshView, now: float | None = None) -> list[tuple[Pending, str]]:
+        """Messages to act on now, released from custody: ("dead", p) or ("resend", p).
+
+        "dead": the receiver's will said offline, or no heartbeat for `silent_after`.
+        "resend": the receiver looks alive but has not acknowledged within `ack_timeout`
+        (the message, or its ack, may have been lost with a broker).
+        """
+        now = time.monotonic() if now is None else now
+        live = {s.node_id for s in view.live(now=now)}
+        out: list[tuple[Pending, str]] = []
+        for mid, p in list(self.pending.items()):
+            heard = view.seen.get(p.node)
+            if p.node not in live or heard is None or now - heard > self.silent_after:
+                out.append((p, "dead"))
+            elif now > p.deadline:
+                out.append((p, "resend"))
+            else:
+                continue
+            del self.pending[mid]
+        return out
+
+    def forget(self, sid: str) -> None:
+        """Drop everything pending for a session."""
+        for mid in [m for m, p in self.pending.items() if p.sid == sid]:
+            del self.pending[mid]

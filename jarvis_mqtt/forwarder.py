@@ -1,0 +1,189 @@
+"""Sending activations downstream with custody: the part nodes and clients share.
+
+`Forwarder.send` picks the next live node (sticky per session: its KV cache lives there),
+publishes, records the rows in the session's history and keeps the message in custody until
+the receiver acknowledges it. `tick` re-sends what a dead receiver held — to a replica, or past
+the lost layers — and `on_ack` answers a receiver's request for a replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from jarvis_mqtt import topics as T
+from jarvis_mqtt import wire
+from jarvis_mqtt.custody import Custody, History, Pending
+from jarvis_mqtt.errors import JarvisError, MeshError
+from jarvis_mqtt.membership import MeshView
+from jarvis_mqtt.routing import next_hop
+from jarvis_mqtt.transport import MeshClient
+
+log = logging.getLogger("jarvis.forward")
+
+# (cid, sid, ref mid, code, text) -> None: how the owner reports a message it cannot deliver.
+OnError = Callable[[str, str, str, str, str], Awaitable[None]]
+
+
+def skip_policy(meta: Mapping[str, Any]) -> tuple[bool, list[int]]:
+    """The client's layer-skip policy carried in a message's meta."""
+    never = meta.get("never_skip", [])
+    ok = isinstance(never, list) and all(isinstance(i, int) for i in never)
+    return bool(meta.get("allow_skip", False)), (never if ok else [])
+
+
+class Forwarder:
+    """Downstream sends of one sender (`me`: a node id or a client id)."""
+
+    def __init__(
+        self,
+        mesh: MeshClient,
+        topics: T.Topics,
+        view: MeshView,
+        *,
+        model: str,
+        num_layers: int,
+        me: str,
+        on_error: OnError,
+        custody: Custody | None = None,
+    ) -> None:
+        self.mesh, self.topics, self.view = mesh, topics, view
+        self.model, self.num_layers, self.me = model, num_layers, me
+        self.on_error = on_error
+        self.custody = custody or Custody()
+        self.history = History()
+        self.next: dict[str, str] = {}  # session -> node holding its downstream cache
+        self.failovers = 0  # re-sends to another node, for stats
+
+    def forget(self, sid: str) -> None:
+        """Drop a session's history, custody and stickiness."""
+        self.history.forget(sid)
+        self.custody.forget(sid)
+        self.next.pop(sid, None)
+
+    async def send(
+        self,
+        hidden: torch.Tensor,
+        *,
+        layer: int,
+        pos: int,
+        step: int,
+        sid: str,
+        cid: str,
+        route: Sequence[wire.RouteHop] = (),
+        skipped: Sequence[int] = (),
+        meta: Mapping[str, Any] | None = None,
+        history_rows: torch.Tensor | None = None,
+        history_pos: int | None = None,
+    ) -> str | None:
+        """Send `hidden` (positions from `pos`) to whoever runs `layer` next; None = the client.
+
+        The history records `history_rows` from `history_pos` when given (a replayed span
+        computed more rows than it forwards), else `hidden` itself.
+        """
+        rows = hidden if history_rows is None else history_rows
+        self.history.store(sid, pos if history_pos is None else history_pos, rows)
+        fields = {"cid": cid, "model": self.model, "route": tuple(route), "meta": dict(meta or {})}
+        fields["skipped"] = tuple(skipped)
+        p = Pending(
+            mid="", sid=sid, step=step, node="", layer=layer, pos=pos, n=hidden.shape[0],
+            fields=fields, deadline=0.0,
+        )  # fmt: skip
+        return await self._dispatch(p, hidden, prefer=self.next.get(sid))
+
+    async def _dispatch(
+        self,
+        p: Pending,
+        hidden: torch.Tensor,
+        *,
+        prefer: str | None,
+        replay_from: int | None = None,
+    ) -> str | None:
+        allow, never = skip_policy(p.fields["meta"])
+        try:
+            hop = next_hop(
+                self.view.live(self.model), p.layer, self.num_layers,
+                exclude=p.failed, prefer=prefer, allow_skip=allow, never_skip=never,
+                extra_load=Counter(self.next.values()),
+            )  # fmt: skip
+        except MeshError as e:
+            await self.on_error(p.fields["cid"], p.sid, p.mid or "", "no_route", str(e))
+            return None
+        skipped = tuple(sorted({*p.fields["skipped"], *hop.skipped}))
+        meta = dict(p.fields["meta"])
+        pos = p.pos
+        if replay_from is not None:
+            # The receiver lost (or never had) this session: send everything it is missing; it
+            # rebuilds its cache and forwards only the positions from the original message on.
+            rows = self.history.get(p.sid, replay_from, p.pos + p.n)
+            if rows is None:
+                await self.on_error(
+                    p.fields["cid"], p.sid, p.mid, "no_history",
+                    f"{self.me}: cannot replay session {p.sid} from position {replay_from}",
+                )  # fmt: skip
+                return None
+            hidden, pos = rows, replay_from
+            meta.update(replay=True, emit_from=p.pos)
+        common: dict[str, Any] = dict(
+            sid=T.SessionId(p.sid), cid=T.ClientId(p.fields["cid"]), model=self.model,
+            step=p.step, route=p.fields["route"], skipped=skipped, meta=meta,
+        )  # fmt: skip
+        if hop.node_id is None:
+            # Every remaining layer was skipped: the client gets the hidden state as it is.
+            out: wire.Message = wire.ResultMessage.from_tensor(
+                hidden[-1:], layer=self.num_layers, pos=pos + hidden.shape[0] - 1, **common
+            )
+            await self._publish(self.topics.client_result(p.fields["cid"]), out)
+            return None
+        msg = wire.ActivationMessage.from_tensor(hidden, layer=hop.enter, pos=pos, **common)
+        self.next[p.sid] = hop.node_id
+        p.mid, p.node, p.layer = msg.mid, hop.node_id, hop.enter
+        p.fields = {**p.fields, "skipped": skipped}
+        p.deadline = time.monotonic() + self.custody.ack_timeout
+        self.custody.track(p)
+        await self._publish(self.topics.node_layer(self.model, hop.enter, hop.node_id), msg)
+        return hop.node_id
+
+    async def _publish(self, topic: str, msg: wire.Message) -> None:
+        try:
+            await self.mesh.publish(topic, wire.encode(msg))
+        except JarvisError as e:  # custody re-sends it when the brokers are back
+            log.warning("%s: publish on %s failed: %s", self.me, topic, e)
+
+    async def on_ack(self, ack: T.Ack) -> None:
+        """Release an acknowledged message; replay to its receiver when it asks for one."""
+        p = self.custody.acknowledged(ack.mid)
+        if p is None or ack.need_from is None:
+            return
+        log.info("%s: %s needs session %s replayed from %d", self.me, ack.by, p.sid, ack.need_from)
+        await self._dispatch(p, torch.empty(0), prefer=p.node, replay_from=ack.need_from)
+
+    async def tick(self) -> None:
+        """Act on messages whose receiver died or never answered."""
+        for p, why in self.custody.due(self.view):
+            rows = self.history.get(p.sid, p.pos, p.pos + p.n)
+            if rows is None:
+                continue  # the session was freed meanwhile
+            if why == "dead":
+                p.failed.add(p.node)
+                self.failovers += 1
+                log.warning(
+                    "%s: %s is gone; re-sending session %s step %d elsewhere",
+                    self.me, p.node, p.sid, p.step,
+                )  # fmt: skip
+                await self._dispatch(p, rows, prefer=None)
+            else:
+                await self._dispatch(p, rows, prefer=p.node)
+
+
+async def send_ack(mesh: MeshClient, topics: T.Topics, to: str, ack: T.Ack) -> None:
+    """Tell the sender `to` that `ack.by` passed its message on (or needs a replay)."""
+    try:
+        await mesh.publish(topics.ack(to), T.pack_ack(ack))
+    except JarvisError as e:
+        log.warning("ack to %s not sent: %s", to, e)
