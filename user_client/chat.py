@@ -110,7 +110,8 @@ async def run(a: argparse.Namespace) -> int:
         models_dir=Path(a.models_dir) if a.models_dir else None,
         topic_root=root,
         step_timeout=a.timeout,
-        allow_skip=a.allow_skip,
+        allow_skip=not a.no_skip,
+        never_skip=None if a.never_skip is None else [int(x) for x in a.never_skip.split(",") if x],
     )
     async with remote:
         await remote.wait_ready(a.wait)
@@ -160,7 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output (with -p)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per step")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for all layers")
-    p.add_argument("--allow-skip", action="store_true", help="route around missing layers")
+    p.add_argument(
+        "--no-skip", action="store_true", help="fail instead of skipping layers of a dead node"
+    )
+    p.add_argument(
+        "--never-skip", default=None, help="layers that may never be skipped (default: first,last)"
+    )
     add_sampling_flags(p)
     return p
 
