@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nodes", type=int, default=6)
     d.add_argument("--prompt", default="What is MQTT, in two sentences?")
     d.set_defaults(func=cmd_demo)
+
+    from jarvis_mqtt.inspect import register as register_inspect
+
+    register_inspect(sub)
     return p
 
 
