@@ -6,12 +6,16 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jarvis_mqtt.errors import JarvisError
-from jarvis_mqtt.sampling import SamplingParams
+
+if TYPE_CHECKING:  # torch comes with it: keep `jarvis --help` and `jarvis mesh down` quick
+    from jarvis_mqtt.sampling import SamplingParams
 
 log = logging.getLogger("jarvis")
 
@@ -30,6 +34,8 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def sampling_from_args(a: argparse.Namespace) -> SamplingParams:
     """SamplingParams from the flags of `add_sampling_flags`."""
+    from jarvis_mqtt.sampling import SamplingParams
+
     return SamplingParams(
         temperature=a.temperature,
         top_k=a.top_k,
@@ -171,6 +177,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from jarvis_mqtt.mesh import LocalMesh
     from user_client.chat import main as chat_main
 
+    def leave(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through LocalMesh, which stops every process
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, leave)
     print(f"starting a local mesh: 2 brokers, {a.nodes} nodes of {a.model} ...", flush=True)
     with LocalMesh(a.model, nodes=a.nodes, brokers=2, models_dir=_models_root(a)) as mesh:
         mesh.save()

@@ -70,12 +70,16 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie child still answers kill(0); reap it if it is ours.
+    # A zombie still answers kill(0): reap it if it is ours, else ask /proc (init reaps it later).
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # not Linux, or gone just now: kill(0) said it exists
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def stop_pid(pid: int, timeout: float = 5.0) -> None:
@@ -214,6 +218,9 @@ class LocalMesh:
 
     def stop(self) -> None:
         """Stop every node, then every broker, by pid."""
+        for n in self.nodes:  # all at once: each takes a moment to leave the mesh cleanly
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(n.pid, signal.SIGTERM)
         for n in self.nodes:
             stop_pid(n.pid)
             proc = self._popen.pop(n.pid, None)
