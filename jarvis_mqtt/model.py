@@ -227,6 +227,13 @@ def matmul_t(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, *(f.result() for f in futures)], dim=-1)
 
 
+def _release(*linears: nn.Linear) -> None:
+    """Drop the loaded weights of projections that `fuse()` has copied (they are not used)."""
+    for proj in linears:
+        proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        proj.register_parameter("bias", None)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm in float32; Gemma scales by (1 + w), the others by w."""
 
@@ -354,9 +361,7 @@ class Attention(nn.Module):
         if self.args.attention_bias:
             self.qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         self.o_t = self.o_proj.weight.t().contiguous()
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-            proj.register_parameter("bias", None)
+        _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
     def forward(
         self,
@@ -458,8 +463,7 @@ class MLP(nn.Module):
         """Replace the loaded projections by transposed copies, gate and up fused."""
         self.gate_up_t = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t().contiguous()
         self.down_t = self.down_proj.weight.t().contiguous()
-        for proj in (self.gate_proj, self.up_proj, self.down_proj):
-            proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        _release(self.gate_proj, self.up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.gate_up_t is not None and self.down_t is not None, "call fuse() after loading"
