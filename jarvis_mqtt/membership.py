@@ -59,9 +59,14 @@ class NodeStatus:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise WireError(f"bad node status: {e!r}") from e
-        if not 0 <= st.start < st.end:
+        if not 0 <= st.start <= st.end or (st.start == st.end and st.start != 0):
             raise WireError(f"bad node status: span [{st.start}, {st.end})")
         return st
+
+    @property
+    def idle(self) -> bool:
+        """A contributor announcing capacity with no layers yet (span `[0, 0)`)."""
+        return self.start == self.end
 
     def covers(self, layer: int) -> bool:
         """Whether `layer` lies in this node's span."""

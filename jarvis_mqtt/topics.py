@@ -10,6 +10,7 @@ matters, the model name, so several models and test runs share one mesh without 
 | `{root}/m/{model}/free`            | msgpack list of session ids               | no       |
 | `{root}/node/{node_id}/status`     | msgpack map, `membership.NodeStatus`      | yes      |
 | `{root}/ack/{node_or_client_id}`   | msgpack `Ack` (passed on, or replay from)  | no       |
+| `{root}/assign/{node_id}`          | msgpack `Assignment`: spans to host       | yes      |
 | `{root}/client/{client_id}/result` | `wire.ResultMessage` or `wire.ErrorMessage` | no     |
 """
 
@@ -97,7 +98,9 @@ CLIENT_RESULT = TopicSpec(
 # A node acknowledges to whoever sent it an activation (the node before it, or the client) once
 # it has passed its output on; the sender keeps the message until then (chain of custody).
 ACK = TopicSpec("{root}/ack/{name}", "msgpack Ack")
-ALL_SPECS = (LAYER, NODE_LAYER, ACK, SESSION_FREE, NODE_STATUS, CLIENT_RESULT)
+# What a planner wants a contributor node to host; retained so a node that restarts finds it.
+ASSIGN = TopicSpec("{root}/assign/{node_id}", "msgpack Assignment", retained=True)
+ALL_SPECS = (LAYER, NODE_LAYER, ACK, ASSIGN, SESSION_FREE, NODE_STATUS, CLIENT_RESULT)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,16 @@ class AckTopic:
     name: str
 
 
-ParsedTopic = LayerTopic | SessionFreeTopic | NodeStatusTopic | ClientResultTopic | AckTopic
+@dataclass(frozen=True)
+class AssignTopic:
+    """Parsed `{root}/assign/{node_id}`."""
+
+    node_id: NodeId
+
+
+ParsedTopic = (
+    LayerTopic | SessionFreeTopic | NodeStatusTopic | ClientResultTopic | AckTopic | AssignTopic
+)
 
 
 @dataclass(frozen=True)
@@ -181,6 +193,10 @@ class Topics:
         """Where acknowledgements for activations sent by node or client `name` go."""
         return f"{self.root}/ack/{check_name(name, 'ack receiver')}"
 
+    def assign(self, node_id: NodeId | str) -> str:
+        """A contributor node's retained assignment."""
+        return f"{self.root}/assign/{check_name(node_id, 'node id')}"
+
     def client_result(self, client_id: ClientId | str) -> str:
         """Where results and errors for one client go."""
         return f"{self.root}/client/{check_name(client_id, 'client id')}/result"
@@ -206,6 +222,8 @@ class Topics:
                 return ClientResultTopic(ClientId(client_id))
             case ["ack", name] if is_name(name):
                 return AckTopic(name)
+            case ["assign", node_id] if is_name(node_id):
+                return AssignTopic(NodeId(node_id))
         raise WireError(f"unknown topic {topic!r}")
 
 
@@ -245,7 +263,7 @@ def pack_status(status: NodeStatus) -> bytes:
 def unpack_status(payload: bytes) -> NodeStatus:
     """A node status from its payload; WireError when malformed."""
     status = NodeStatus.from_dict(_unpack(payload, "node status"))
-    if not is_name(status.node_id) or not is_name(status.model):
+    if not is_name(status.node_id) or not (is_name(status.model) or status.idle):
         raise WireError(f"node status with a bad node id or model: {status.node_id!r}")
     return status
 
@@ -273,3 +291,33 @@ def unpack_ack(payload: bytes) -> Ack:
     if need is not None and not (isinstance(need, int) and 0 <= need <= 1 << 31):
         raise WireError(f"ack need_from {need!r} is not a position")
     return Ack(MessageId(d["mid"]), NodeId(d["by"]), need)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Spans a node should host, one per model; an empty tuple means host nothing."""
+
+    spans: tuple[tuple[str, int, int], ...]  # (model, start, end), half-open
+    plan: str = ""  # id of the plan this came from
+
+
+def pack_assignment(a: Assignment) -> bytes:
+    """Payload of an assignment."""
+    spans = [{"model": m, "start": s, "end": e} for m, s, e in a.spans]
+    return msgpack.packb({"plan": a.plan, "spans": spans})
+
+
+def unpack_assignment(payload: bytes) -> Assignment:
+    """An assignment from its payload; WireError when malformed."""
+    d = _unpack(payload, "assignment")
+    try:
+        spans = tuple((str(x["model"]), int(x["start"]), int(x["end"])) for x in d["spans"])
+        plan = str(d.get("plan", ""))
+    except (KeyError, TypeError, ValueError) as e:
+        raise WireError(f"bad assignment: {e!r}") from e
+    for model, start, end in spans:
+        if not is_name(model) or not 0 <= start < end <= MAX_LAYER:
+            raise WireError(f"bad assignment span {model!r} [{start}, {end})")
+    if len({m for m, _, _ in spans}) != len(spans):
+        raise WireError("an assignment has one span per model at most")
+    return Assignment(spans, plan)

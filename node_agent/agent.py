@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -80,10 +81,17 @@ class NodeAgent:
         # One thread owns the span (weights and KV caches): forwards, frees and expiry queue up.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"span-{cfg.node_id}")
         self._forwarder: Forwarder | None = None  # set once the mesh is up
+        self._draining = False  # leaving: accept nothing new
+        self._busy = False  # a batch is being computed or sent on
         self._span: LayerSpan | None = None
         self._mesh: MeshClient | None = None
         self._num_layers = 0
         self._hidden = 0
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of the model served (0 until loaded)."""
+        return self._num_layers
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -174,6 +182,7 @@ class NodeAgent:
                         tg.create_task(self._custody(), name="custody"),
                     ]
                     await self.stop.wait()
+                    await self._drain(mesh, status_topic)
                     for t in tasks:
                         t.cancel()
             finally:
@@ -186,9 +195,31 @@ class NodeAgent:
         self._worker.shutdown(wait=False, cancel_futures=True)
         log.info("%s: stopped", cfg.node_id)
 
+    async def _drain(self, mesh: MeshClient, status_topic: str) -> None:
+        """Leave without breaking the chain of custody.
+
+        Clearing the status first makes senders re-send what they gave us and we have not
+        passed on; what we did pass on stays ours until the next node acknowledges it, so we
+        wait for those acks (re-sending elsewhere if it dies) before going, within bounds.
+        """
+        self._draining = True
+        self._inbox.clear()  # not acknowledged: their senders re-send them elsewhere
+        with contextlib.suppress(JarvisError):
+            await mesh.publish(status_topic, b"", retain=True)
+        forwarder = self._forwarder
+        try:
+            async with asyncio.timeout(self.cfg.graceful_timeout):
+                # Polled: custody changes in several places; this runs once, at shutdown.
+                while self._busy or (forwarder is not None and forwarder.custody.pending):  # noqa: ASYNC110
+                    await asyncio.sleep(CUSTODY_TICK)
+        except TimeoutError:
+            log.warning("%s: left with messages not yet acknowledged", self.cfg.node_id)
+
     async def _heartbeat(self, mesh: MeshClient, topic: str) -> None:
         while True:
             await asyncio.sleep(self.cfg.heartbeat)
+            if self._draining:
+                return
             try:
                 await mesh.publish(topic, T.pack_status(self.status()), retain=True)
             except JarvisError as e:  # every broker down: keep trying, the links reconnect
@@ -277,6 +308,8 @@ class NodeAgent:
             return
         span = self._span
         assert span is not None
+        if self._draining:
+            return  # not acknowledged: the sender re-sends it to a node that stays
         hidden = msg.to_tensor().reshape(msg.n_tokens, self._hidden).to(span.dtype)
         self._inbox.append(Work(msg, hidden, time.time()))
         self._has_work.set()
@@ -392,11 +425,15 @@ class NodeAgent:
             batch = self._take_batch()
             if not self._inbox:
                 self._has_work.clear()
-            if not batch:
+            if not batch or self._draining:
                 continue
-            outcomes = await loop.run_in_executor(self._worker, self._forward, batch)
-            for o in outcomes:
-                await self._send_on(mesh, o)
+            self._busy = True
+            try:
+                outcomes = await loop.run_in_executor(self._worker, self._forward, batch)
+                for o in outcomes:
+                    await self._send_on(mesh, o)
+            finally:
+                self._busy = False
 
     async def _send_on(self, mesh: MeshClient, o: Outcome) -> None:
         msg = o.work.msg

@@ -16,8 +16,16 @@ from node_agent.config import NodeConfig
 
 def add_node_flags(p: argparse.ArgumentParser) -> None:
     """Flags of `jarvis node`, one per NodeConfig field that users set."""
-    p.add_argument("--model", required=True, help="model name (as imported)")
-    p.add_argument("--layers", required=True, help="half-open span START:END, e.g. 0:5")
+    p.add_argument("--model", help="model name (as imported)")
+    p.add_argument("--layers", help="half-open span START:END, e.g. 0:5")
+    p.add_argument(
+        "--contribute",
+        action="store_true",
+        help="offer this device's capacity and host what `jarvis plan --apply` assigns",
+    )
+    p.add_argument(
+        "--bench-model", help="with --contribute: measure seconds per layer of this model"
+    )
     p.add_argument("--broker", required=True, help="HOST:PORT[,HOST:PORT...] of every broker")
     p.add_argument("--node-id", required=True)
     p.add_argument("--topic-root", default="jarvis")
@@ -34,14 +42,19 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> NodeConfig:
     """NodeConfig from parsed flags."""
-    try:
-        start_s, end_s = a.layers.split(":")
-        start, end = int(start_s), int(end_s)
-    except ValueError:
-        raise ConfigError(f"--layers {a.layers!r} is not START:END") from None
+    if a.contribute:
+        start = end = 0
+    elif not (a.model and a.layers):
+        raise ConfigError("give --model and --layers, or --contribute")
+    else:
+        try:
+            start_s, end_s = a.layers.split(":")
+            start, end = int(start_s), int(end_s)
+        except ValueError:
+            raise ConfigError(f"--layers {a.layers!r} is not START:END") from None
     return NodeConfig(
         node_id=a.node_id,
-        model=a.model,
+        model=a.model or "",
         start=start,
         end=end,
         brokers=tuple(parse_brokers(a.broker)),
@@ -59,14 +72,20 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
     )
 
 
-async def serve(cfg: NodeConfig) -> None:
-    """Run the agent; SIGTERM and SIGINT start a clean shutdown."""
-    from node_agent.agent import NodeAgent  # torch comes with it: not needed for --help
+async def serve(cfg: NodeConfig, contribute: bool = False, bench_model: str | None = None) -> None:
+    """Run the agent (or a contributor); SIGTERM and SIGINT start a clean shutdown."""
+    # torch comes with these: not needed for --help
+    from node_agent.agent import NodeAgent
+    from node_agent.contributor import Contributor
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await NodeAgent(cfg, stop=stop).run()
+    if contribute:
+        await Contributor(cfg, bench_model=bench_model, stop=stop).run()
+    else:
+        await NodeAgent(cfg, stop=stop).run()
 
 
 def run_node(a: argparse.Namespace) -> int:
@@ -76,7 +95,7 @@ def run_node(a: argparse.Namespace) -> int:
     cfg = config_from_args(a)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    asyncio.run(serve(cfg))
+    asyncio.run(serve(cfg, a.contribute, a.bench_model))
     # The node has left the mesh cleanly; skip the interpreter's slow teardown of torch and
     # its thread pools (1.5 s here, more on a Pi) so restarts and `mesh down` are quick.
     logging.shutdown()

@@ -34,7 +34,10 @@ def test_status_round_trip_and_validation() -> None:
     s = st("a", 0, 3)
     assert NodeStatus.from_dict(s.to_dict()) == s
     with pytest.raises(WireError):
-        NodeStatus.from_dict({"node_id": "x", "model": "m", "start": 3, "end": 3})
+        NodeStatus.from_dict({"node_id": "x", "model": "m", "start": 3, "end": 3})  # empty, not 0
+    with pytest.raises(WireError):
+        NodeStatus.from_dict({"node_id": "x", "model": "m", "start": 3, "end": 2})
+    assert NodeStatus.from_dict({"node_id": "x", "model": "", "start": 0, "end": 0}).idle
     with pytest.raises(WireError):
         NodeStatus.from_dict({"node_id": "x"})
     with pytest.raises(WireError):

@@ -56,9 +56,14 @@ def test_builders_match_the_declared_patterns() -> None:
         "R/node/N/status": Topics("R").node_status("N"),
         "R/client/C/result": Topics("R").client_result("C"),
         "R/ack/A": Topics("R").ack("A"),
+        "R/assign/N": Topics("R").assign("N"),
     }
     assert {spec.pattern.format(**fields) for spec in ALL_SPECS} == set(built.values())
-    assert [s.retained for s in ALL_SPECS].count(True) == 1  # only node status is retained
+    # Only node statuses and assignments are retained.
+    assert {s.pattern for s in ALL_SPECS if s.retained} == {
+        "{root}/node/{node_id}/status",
+        "{root}/assign/{node_id}",
+    }
 
 
 def test_parse_round_trip_and_multi_level_root() -> None:
@@ -173,3 +178,20 @@ def test_ack_round_trip_and_validation() -> None:
             unpack_ack(bad)
     with pytest.raises(WireError):
         unpack_ack(msgpack.packb({"mid": new_message_id(), "by": "n", "need_from": -1}))
+
+
+def test_assignment_round_trip_and_validation() -> None:
+    from jarvis_mqtt.topics import Assignment, pack_assignment, unpack_assignment
+
+    a = Assignment((("smollm2", 0, 10), ("gemma3", 4, 9)), plan="p1")
+    assert unpack_assignment(pack_assignment(a)) == a
+    assert unpack_assignment(pack_assignment(Assignment(()))) == Assignment(())
+    for bad in (
+        {"spans": [{"model": "m", "start": 5, "end": 5}]},
+        {"spans": [{"model": "a/b", "start": 0, "end": 5}]},
+        {"spans": [{"model": "m", "start": 0, "end": 5}, {"model": "m", "start": 5, "end": 9}]},
+        {"spans": "nope"},
+        {},
+    ):
+        with pytest.raises(WireError):
+            unpack_assignment(msgpack.packb(bad))

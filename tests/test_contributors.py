@@ -1,0 +1,193 @@
+"""Contributor nodes: join with no layers, take assignments, rebalance mid-chat, two models."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from jarvis_mqtt import topics as T
+from jarvis_mqtt.brokers import BrokerAddress
+from jarvis_mqtt.checkpoint import ModelDir
+from jarvis_mqtt.client import RemoteModel, wait_for_nodes
+from jarvis_mqtt.generate import LocalModel
+from jarvis_mqtt.membership import MeshView
+from jarvis_mqtt.mesh import stop_pid
+from jarvis_mqtt.sampling import SamplingParams
+from jarvis_mqtt.transport import MeshClient
+from tests.fixtures_models import models_cache
+from tests.test_pipeline import chat_ids
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+PROMPT = "Tell me about the history of the city of Paris."
+
+
+class Contributors:
+    """Contributor processes on a set of brokers; every one stopped by pid at the end."""
+
+    def __init__(self, brokers: list[BrokerAddress], root: str, log_dir: Path) -> None:
+        self.brokers, self.root, self.log_dir = brokers, root, log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, node_id: str) -> None:
+        cmd = [
+            sys.executable, "-m", "jarvis_mqtt.cli", "--models-dir", str(models_cache()),
+            "node", "--contribute", "--node-id", node_id, "--topic-root", self.root,
+            "--broker", ",".join(map(str, self.brokers)), "--threads", "1",
+        ]  # fmt: skip
+        with (self.log_dir / f"{node_id}.log").open("ab") as out:
+            self.procs[node_id] = subprocess.Popen(cmd, stdout=out, stderr=out)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            stop_pid(p.pid)
+            p.wait()
+
+    async def assign(self, spans: dict[str, list[tuple[str, int, int]]], plan: str) -> None:
+        topics = T.Topics(self.root)
+        async with MeshClient(self.brokers, client_id=f"planner-{uuid.uuid4().hex[:6]}") as mesh:
+            for node, s in spans.items():
+                payload = T.pack_assignment(T.Assignment(tuple(s), plan))
+                await mesh.publish(topics.assign(node), payload, retain=True)
+
+
+@pytest.fixture
+def contributors(brokers: list, tmp_path: Path) -> Iterator[Callable[..., Contributors]]:  # type: ignore[type-arg]
+    made: list[Contributors] = []
+
+    def make(*ids: str) -> Contributors:
+        c = Contributors([b.address for b in brokers], f"test/{uuid.uuid4().hex[:8]}", tmp_path)
+        made.append(c)
+        for i in ids:
+            c.start(i)
+        asyncio.run(wait_for_nodes(c.brokers, c.root, list(ids), 60))
+        return c
+
+    try:
+        yield make
+    finally:
+        for c in made:
+            c.stop()
+
+
+def reference(md: ModelDir, n: int) -> list[int]:
+    local = LocalModel(md)
+    local.tokenizer.eos_token_ids = frozenset()
+    return [
+        e.token_id for e in local.generate(chat_ids(md, PROMPT), SamplingParams(max_new_tokens=n))
+    ]
+
+
+async def idle_capacity(c: Contributors, ids: list[str]) -> dict[str, dict[str, object]]:
+    """The capacity each contributor announced."""
+    view = MeshView()
+    async with MeshClient(c.brokers, client_id=f"look-{uuid.uuid4().hex[:6]}") as mesh:
+        await mesh.subscribe(T.Topics(c.root).all_node_status())
+        async with asyncio.timeout(10):
+            async for m in mesh.messages():
+                if m.payload:
+                    view.update(T.unpack_status(m.payload))
+                if all(i in view.nodes for i in ids):
+                    break
+    return {i: dict(view.nodes[i].capacity) for i in ids}
+
+
+def test_contributors_join_take_a_plan_and_rebalance_mid_chat(
+    smollm2_dir: ModelDir, contributors: Callable[..., Contributors]
+) -> None:
+    n_tokens = 24
+    want = reference(smollm2_dir, n_tokens)
+    c = contributors("c1", "c2", "c3")
+    caps = asyncio.run(idle_capacity(c, ["c1", "c2", "c3"]))
+    for cap in caps.values():  # each measured and announced what it can offer
+        assert int(cap["memory_bytes"]) > 0 and int(cap["cores"]) >= 1  # type: ignore[call-overload]
+    model = smollm2_dir.name
+
+    async def scenario() -> list[list[str]]:
+        await c.assign(
+            {"c1": [(model, 0, 10)], "c2": [(model, 10, 20)], "c3": [(model, 20, 30)]}, "p1"
+        )
+        remote = RemoteModel(smollm2_dir, c.brokers, topic_root=c.root, allow_skip=False)
+        remote.tokenizer.eos_token_ids = frozenset()
+        routes: list[list[str]] = []
+        async with remote:
+            await remote.wait_ready(60)
+            params = SamplingParams(max_new_tokens=n_tokens)
+            tokens = []
+            async for ev in remote.generate(chat_ids(smollm2_dir, PROMPT), params):
+                tokens.append(ev.token_id)
+                routes.append([str(h["node"]) for h in ev.route])
+                if len(tokens) == 6:
+                    # A fourth device joins; the plan is redone over four while the chat goes on.
+                    await asyncio.to_thread(c.start, "c4")
+                    await wait_for_nodes(c.brokers, c.root, ["c4"], 60)
+                    await c.assign(
+                        {
+                            "c1": [(model, 0, 8)], "c2": [(model, 8, 16)],
+                            "c3": [(model, 16, 23)], "c4": [(model, 23, 30)],
+                        },
+                        "p2",
+                    )  # fmt: skip
+            assert tokens == want  # nothing dropped or changed by the rebalance
+            # The chat goes on; once the new plan is in place the next reply runs on it.
+            async with asyncio.timeout(60):
+                while not any(s.node_id.startswith("c4.") for s in remote.view.live(model)):
+                    await asyncio.sleep(0.1)
+                while any(s.start == 20 for s in remote.view.live(model)):  # old c3 retired
+                    await asyncio.sleep(0.1)
+            again = [e async for e in remote.generate(chat_ids(smollm2_dir, PROMPT), params)]
+            assert [e.token_id for e in again] == want
+            routes.append([str(h["node"]) for h in again[-1].route])
+        return routes
+
+    routes = asyncio.run(scenario())
+    assert [n.split(".")[0] for n in routes[0]] == ["c1", "c2", "c3"]
+    assert [n.split(".")[0] for n in routes[-1]] == ["c1", "c2", "c3", "c4"]
+
+
+def test_two_models_on_one_mesh_one_device_hosting_both(
+    smollm2_dir: ModelDir, gemma3_dir: ModelDir, contributors: Callable[..., Contributors]
+) -> None:
+    c = contributors("d1", "d2")
+    small, gemma = smollm2_dir.name, gemma3_dir.name
+
+    async def scenario() -> tuple[tuple[list[int], list[str]], tuple[list[int], list[str]]]:
+        # d1 hosts layers of both models; d2 the rest of each.
+        await c.assign(
+            {"d1": [(small, 0, 15), (gemma, 0, 9)], "d2": [(small, 15, 30), (gemma, 9, 18)]}, "p"
+        )
+        a = RemoteModel(smollm2_dir, c.brokers, topic_root=c.root)
+        b = RemoteModel(gemma3_dir, c.brokers, topic_root=c.root)
+        params = SamplingParams(max_new_tokens=8)
+        async with a, b:
+            await a.wait_ready(60)
+            await b.wait_ready(60)
+            ra, rb = await asyncio.gather(
+                _collect(a, chat_ids(smollm2_dir, PROMPT), params),
+                _collect(b, chat_ids(gemma3_dir, "Paris is the capital of"), params),
+            )
+        return ra, rb
+
+    (got_a, route_a), (got_b, route_b) = asyncio.run(scenario())
+    params = SamplingParams(max_new_tokens=8)
+    for md, got, prompt in (
+        (smollm2_dir, got_a, PROMPT),
+        (gemma3_dir, got_b, "Paris is the capital of"),
+    ):
+        local = LocalModel(md)
+        assert got == [e.token_id for e in local.generate(chat_ids(md, prompt), params)]
+    # One device served layers of both models.
+    assert route_a[0].startswith(f"d1.{small}.") and route_b[0].startswith(f"d1.{gemma}.")
+
+
+async def _collect(
+    remote: RemoteModel, ids: list[int], params: SamplingParams
+) -> tuple[list[int], list[str]]:
+    events = [e async for e in remote.generate(ids, params)]
+    return [e.token_id for e in events], [str(h["node"]) for h in events[-1].route]
