@@ -136,11 +136,15 @@ def test_contributors_join_take_a_plan_and_rebalance_mid_chat(
                     )  # fmt: skip
             assert tokens == want  # nothing dropped or changed by the rebalance
             # The chat goes on; once the new plan is in place the next reply runs on it.
-            async with asyncio.timeout(60):
-                while not any(s.node_id.startswith("c4.") for s in remote.view.live(model)):
-                    await asyncio.sleep(0.1)
-                while any(s.start == 20 for s in remote.view.live(model)):  # old c3 retired
-                    await asyncio.sleep(0.1)
+            def new_plan_in_place() -> bool:
+                live = remote.view.live(model)
+                c4_up = any(s.node_id.startswith("c4.") for s in live)
+                return c4_up and not any(s.start == 20 for s in live)  # old c3 retired
+
+            for _ in range(600):
+                if new_plan_in_place():
+                    break
+                await asyncio.sleep(0.1)
             again = [e async for e in remote.generate(chat_ids(smollm2_dir, PROMPT), params)]
             assert [e.token_id for e in again] == want
             routes.append([str(h["node"]) for h in again[-1].route])
