@@ -135,6 +135,7 @@ def test_contributors_join_take_a_plan_and_rebalance_mid_chat(
                         "p2",
                     )  # fmt: skip
             assert tokens == want  # nothing dropped or changed by the rebalance
+
             # The chat goes on; once the new plan is in place the next reply runs on it.
             def new_plan_in_place() -> bool:
                 live = remote.view.live(model)
