@@ -92,6 +92,50 @@ def find_mosquitto() -> str:
     return found
 
 
+@dataclass(frozen=True, kw_only=True)
+class BrokerSecurity:
+    """Who may connect to a broker and how: passwords, ACL, TLS. The default is an open broker."""
+
+    password_file: Path | None = None  # Mosquitto password file; set: anonymous clients refused
+    acl_file: Path | None = None  # Mosquitto ACL file (needs password_file: ACLs name users)
+    tls_cert: Path | None = None  # broker certificate (PEM); set: the listener speaks only TLS
+    tls_key: Path | None = None  # its private key
+    tls_ca: Path | None = None  # CA that signs client certificates (and the broker's)
+    require_client_cert: bool = False  # refuse TLS clients without a certificate from tls_ca
+
+    def __post_init__(self) -> None:
+        if self.acl_file is not None and self.password_file is None:
+            raise ConfigError("an ACL file needs a password file: its rules name users")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both the broker certificate and its key")
+        if self.require_client_cert and (self.tls_ca is None or self.tls_cert is None):
+            raise ConfigError("client certificates need TLS and the CA that signs them")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener speaks TLS."""
+        return self.tls_cert is not None
+
+    def listener_lines(self) -> str:
+        """Settings following the `listener` line."""
+        if not self.tls:
+            return ""
+        lines = [f"certfile {self.tls_cert}", f"keyfile {self.tls_key}", "tls_version tlsv1.2"]
+        if self.tls_ca is not None:
+            lines.append(f"cafile {self.tls_ca}")
+        lines.append(f"require_certificate {str(self.require_client_cert).lower()}")
+        return "\n".join(lines)
+
+    def auth_lines(self) -> str:
+        """Anonymous access, or the password file and ACL."""
+        if self.password_file is None:
+            return "allow_anonymous true"
+        lines = ["allow_anonymous false", f"password_file {self.password_file}"]
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        return "\n".join(lines)
+
+
 def render_config(
     *,
     port: int,
@@ -100,18 +144,33 @@ def render_config(
     user: str | None = None,  # None: the current user
     max_packet_size: int = DEFAULT_MAX_PACKET,  # bytes
     template: Path = DEFAULT_TEMPLATE,
+    security: BrokerSecurity | None = None,  # None: anonymous, plain TCP
 ) -> str:
     """The text of a mesh broker's mosquitto.conf."""
+    security = security or BrokerSecurity()
     try:
         tmpl = Template(template.read_text())
     except OSError as e:
         raise MeshError(f"cannot read broker config template {template}: {e}") from e
+    paths = (
+        security.password_file,
+        security.acl_file,
+        security.tls_cert,
+        security.tls_key,
+        security.tls_ca,
+    )
+    for path in paths:
+        # Mosquitto reads a config line up to its end: a newline would smuggle in a setting.
+        if path is not None and any(c in str(path) for c in "\r\n"):
+            raise ConfigError(f"bad path in broker config: {str(path)!r}")
     return tmpl.substitute(
         port=port,
         bind=bind,
         user=user or getpass.getuser(),
         log_dest=f"file {log_file}" if log_file else "stdout",
         max_packet_size=max_packet_size,
+        listener_tls=security.listener_lines(),
+        auth=security.auth_lines(),
     )
 
 
@@ -141,6 +200,7 @@ class MosquittoBroker:
         start_timeout: float = 10.0,  # seconds until the port must accept connections
         stop_timeout: float = 5.0,  # seconds between SIGTERM and SIGKILL
         die_with_parent: bool = False,  # Linux: SIGKILL the broker when the starting thread exits
+        security: BrokerSecurity | None = None,  # None: anonymous, plain TCP (a local mesh)
     ) -> None:
         self._port = port
         self._auto_port = port is None
@@ -154,6 +214,7 @@ class MosquittoBroker:
         self._stop_timeout = stop_timeout
         self._die_with_parent = die_with_parent and sys.platform == "linux"
         self._proc: subprocess.Popen[bytes] | None = None
+        self.security = security or BrokerSecurity()
 
     @property
     def address(self) -> BrokerAddress:
@@ -213,6 +274,12 @@ class MosquittoBroker:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = None
 
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password file and ACL without dropping clients."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise MeshError("broker not running")
+        os.kill(self._proc.pid, signal.SIGHUP)
+
     def kill(self) -> None:
         """SIGKILL the broker (a crash, as tests need it) and reap it."""
         proc, self._proc = self._proc, None
@@ -254,6 +321,7 @@ class MosquittoBroker:
                 log_file=str(self.log_path),
                 max_packet_size=self._max_packet_size,
                 template=self._template,
+                security=self.security,
             )
         )
         return conf

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -30,6 +31,28 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--max-new-tokens", "-n", type=int, default=128)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_auth_flags(p: argparse.ArgumentParser) -> None:
+    """Credentials and TLS for the brokers (else the `JARVIS_MQTT_*` environment variables)."""
+    g = p.add_argument_group("broker credentials")
+    g.add_argument("--username", help="MQTT username (nodes: their node id)")
+    g.add_argument("--password-file", help="file holding the MQTT password (not on argv)")
+    g.add_argument("--tls-ca", help="mesh CA certificate (PEM): connect with TLS")
+
+
+def apply_auth_flags(a: argparse.Namespace) -> None:
+    """Hand the flags to every MeshClient of this process through its environment."""
+    from pathlib import Path as _Path
+
+    from jarvis_mqtt.transport import ENV_PASSWORD, ENV_TLS_CA, ENV_USERNAME
+
+    if getattr(a, "username", None):
+        os.environ[ENV_USERNAME] = a.username
+    if getattr(a, "password_file", None):
+        os.environ[ENV_PASSWORD] = _Path(a.password_file).read_text().strip()
+    if getattr(a, "tls_ca", None):
+        os.environ[ENV_TLS_CA] = a.tls_ca
 
 
 def sampling_from_args(a: argparse.Namespace) -> SamplingParams:
@@ -253,9 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default="What is MQTT, in two sentences?")
     d.set_defaults(func=cmd_demo)
 
+    from jarvis_mqtt.cli_ops import register as register_ops
     from jarvis_mqtt.inspect import register as register_inspect
 
     register_inspect(sub)
+    register_ops(sub)
     return p
 
 

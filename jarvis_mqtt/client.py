@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from jarvis_mqtt.generate import Generation, TokenEvent
 from jarvis_mqtt.membership import MeshView, format_layers
 from jarvis_mqtt.runtime import load_client_stages
 from jarvis_mqtt.sampling import SamplingParams
-from jarvis_mqtt.transport import MeshClient
+from jarvis_mqtt.transport import ENV_USERNAME, MeshClient
 
 log = logging.getLogger("jarvis.client")
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
@@ -108,7 +109,9 @@ class RemoteModel:
         self.num_layers = model_dir.num_layers
         self.brokers = list(brokers)
         self.topics = T.Topics(topic_root)
-        self.client_id = T.ClientId(client_id or T.new_client_id("chat"))
+        # With credentials the ACL lets a client read only topics named after its username.
+        username = os.environ.get(ENV_USERNAME)
+        self.client_id = T.ClientId(client_id or username or T.new_client_id("chat"))
         self.step_timeout = step_timeout
         self.allow_skip = allow_skip
         self.never_skip = (
@@ -134,7 +137,10 @@ class RemoteModel:
         return cls(md, brokers, **kw)
 
     async def __aenter__(self) -> Self:
-        self._mesh = MeshClient(self.brokers, client_id=f"jarvis-{self.client_id}")
+        # A random suffix: two chats of one user must not take over each other's connection.
+        self._mesh = MeshClient(
+            self.brokers, client_id=f"jarvis-{self.client_id}-{os.urandom(3).hex()}"
+        )
         await self._mesh.__aenter__()
         try:
             await self._mesh.subscribe(self.topics.client_result(self.client_id))

@@ -4,6 +4,9 @@
 publishes every message to all connected brokers and merges what they deliver, dropping the
 copies by message id. There are no bridges: losing a broker loses nothing while another one is
 up. Messages of one publisher keep their order on each broker, not across brokers.
+
+With a deployed mesh every connection authenticates (`MeshAuth`: username, password, TLS with
+the mesh's own CA); what each user may read and write is the brokers' ACL (`security.py`).
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import asyncio
 import collections
 import hashlib
 import logging
+import os
 import random
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -30,6 +36,76 @@ log = logging.getLogger(__name__)
 DedupKey = Callable[[str, bytes], bytes | None]
 MAX_MQTT_PAYLOAD = 268_435_455 - 65_536  # MQTT's remaining-length limit, less header room
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_RECANCEL_AFTER = 1.0  # seconds a link may take to stop before it is cancelled again
+# What a process reads when its caller passes no credentials: a deployed node or client gets
+# them from a mode-0600 environment file, never from its command line (visible in `ps`).
+ENV_USERNAME = "JARVIS_MQTT_USERNAME"
+ENV_PASSWORD = "JARVIS_MQTT_PASSWORD"
+ENV_TLS_CA = "JARVIS_MQTT_TLS_CA"
+ENV_TLS_CERT = "JARVIS_MQTT_TLS_CERT"
+ENV_TLS_KEY = "JARVIS_MQTT_TLS_KEY"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshAuth:
+    """Credentials and TLS settings used for every broker connection of a MeshClient."""
+
+    username: str | None = None  # None: anonymous (a local mesh)
+    password: str | None = field(default=None, repr=False)
+    tls_ca: Path | None = None  # CA certificate (PEM) brokers are checked against; None: no TLS
+    tls_cert: Path | None = None  # client certificate (PEM) when brokers require one
+    tls_key: Path | None = None  # its private key; None: the key is in `tls_cert`
+    tls_insecure: bool = False  # skip the host name check (the chain is still verified)
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_insecure: bool = False,
+        env: Mapping[str, str] | None = None,  # None: os.environ
+    ) -> MeshAuth:
+        """Explicit settings, each missing one taken from `JARVIS_MQTT_*`; ConfigError if bad."""
+        env = os.environ if env is None else env
+
+        def path(value: str | Path | None, name: str) -> Path | None:
+            value = value if value is not None else env.get(name) or None
+            return Path(value).expanduser() if value is not None else None
+
+        auth = cls(
+            username=username if username is not None else env.get(ENV_USERNAME) or None,
+            password=password if password is not None else env.get(ENV_PASSWORD) or None,
+            tls_ca=path(tls_ca, ENV_TLS_CA),
+            tls_cert=path(tls_cert, ENV_TLS_CERT),
+            tls_key=path(tls_key, ENV_TLS_KEY),
+            tls_insecure=tls_insecure,
+        )
+        if auth.password is not None and auth.username is None:
+            raise ConfigError(f"an MQTT password needs a username (set {ENV_USERNAME})")
+        if (auth.tls_cert or auth.tls_key) and auth.tls_ca is None:
+            raise ConfigError("a TLS client certificate needs the mesh CA (tls_ca) too")
+        if auth.tls_key is not None and auth.tls_cert is None:
+            raise ConfigError("a TLS client key needs its certificate (tls_cert)")
+        return auth
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client TLS context trusting only the mesh CA; None without TLS."""
+        if self.tls_ca is None:
+            return None
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.tls_ca))
+            if self.tls_cert is not None:
+                ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"cannot load TLS files ({self.tls_ca}, {self.tls_cert}): {e}") from e
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        # Only the name check can be waived: verify_mode stays CERT_REQUIRED.
+        ctx.check_hostname = not self.tls_insecure
+        return ctx
 
 
 @dataclass(frozen=True)
@@ -124,6 +200,12 @@ class MeshClient:
         max_payload: int = 64 << 20,  # bytes; larger publishes raise WireError
         max_inflight: int = 100,  # unacknowledged QoS 1 messages per broker
         backoff: tuple[float, float] = (0.05, 2.0),  # seconds: first and longest retry delay
+        username: str | None = None,  # None: $JARVIS_MQTT_USERNAME, else anonymous
+        password: str | None = None,  # None: $JARVIS_MQTT_PASSWORD
+        tls_ca: str | Path | None = None,  # mesh CA (PEM); None: $JARVIS_MQTT_TLS_CA, else no TLS
+        tls_cert: str | Path | None = None,  # client certificate; None: $JARVIS_MQTT_TLS_CERT
+        tls_key: str | Path | None = None,  # its key; None: $JARVIS_MQTT_TLS_KEY
+        tls_insecure: bool = False,  # skip the broker host name check (never in production)
     ) -> None:
         if not brokers:
             raise MeshError("no broker addresses given")
@@ -140,6 +222,15 @@ class MeshClient:
         self._max_payload = max_payload
         self._max_inflight = max_inflight
         self._backoff = backoff
+        self.auth = MeshAuth.resolve(
+            username=username,
+            password=password,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_insecure=tls_insecure,
+        )
+        self._tls = self.auth.ssl_context()  # one context shared by every connection
         self._links = [_Link(self, addr) for addr in dict.fromkeys(brokers)]
         self._subs: dict[str, int] = {}  # topic filter -> qos, re-applied on every connect
         self._inbox: asyncio.Queue[MeshMessage | None] = asyncio.Queue()
@@ -181,9 +272,17 @@ class MeshClient:
     async def _close(self) -> None:
         self._closed = True
         self._inbox.put_nowait(None)  # ends messages()
-        for link in self._links:
-            if link.task is not None:
-                link.task.cancel()
+        tasks = [link.task for link in self._links if link.task is not None]
+        for task in tasks:
+            task.cancel()
+        # A cancellation landing just as a broker's CONNACK arrives is swallowed inside aiomqtt's
+        # connect (asyncio.wait_for before Python 3.12) and the link would serve on forever:
+        # cancel again until every link has stopped.
+        while pending := [t for t in tasks if not t.done()]:
+            await asyncio.wait(pending, timeout=_RECANCEL_AFTER)
+            for task in pending:
+                if not task.done():
+                    task.cancel()
         assert self._tg is not None
         # Links only stop by cancellation; anything else they raise is a bug and surfaces here.
         await self._tg.__aexit__(None, None, None)
@@ -371,6 +470,9 @@ class _Link:
             queue_type=_inbox_type(lambda m: mesh._deliver(self, m)),
             # Both ends need it: without it a small hop waits ~40-90 ms for Nagle.
             socket_options=(_NODELAY,),
+            username=mesh.auth.username,
+            password=mesh.auth.password,
+            tls_context=mesh._tls,
         )
 
     async def _resubscribe(self, client: aiomqtt.Client) -> None:

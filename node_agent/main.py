@@ -38,6 +38,9 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-payload-mb", type=int, default=64)
     p.add_argument("--heartbeat", type=float, default=0.5, help="seconds")
     p.add_argument("--keepalive", type=int, default=5, help="MQTT keepalive seconds")
+    from jarvis_mqtt.cli import add_auth_flags
+
+    add_auth_flags(p)
 
 
 def config_from_args(a: argparse.Namespace) -> NodeConfig:
@@ -92,7 +95,12 @@ def run_node(a: argparse.Namespace) -> int:
     """Entry point used by `jarvis node`."""
     import torch
 
+    from jarvis_mqtt.cli import apply_auth_flags
+
     cfg = config_from_args(a)
+    if a.username and a.username != cfg.node_id and not a.contribute:
+        raise ConfigError(f"--username {a.username!r} must equal --node-id {cfg.node_id!r}")
+    apply_auth_flags(a)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     asyncio.run(serve(cfg, a.contribute, a.bench_model))

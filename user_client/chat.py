@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from jarvis_mqtt.brokers import BrokerAddress, parse_brokers
-from jarvis_mqtt.cli import add_sampling_flags, sampling_from_args
+from jarvis_mqtt.cli import add_auth_flags, add_sampling_flags, apply_auth_flags, sampling_from_args
 from jarvis_mqtt.errors import JarvisError
 from jarvis_mqtt.generate import TokenEvent
 from jarvis_mqtt.membership import format_layers
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--never-skip", default=None, help="layers that may never be skipped (default: first,last)"
     )
     add_sampling_flags(p)
+    add_auth_flags(p)
     return p
 
 
@@ -175,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `jarvis-chat`."""
     a = build_parser().parse_args(argv)
     try:
+        apply_auth_flags(a)
         return asyncio.run(run(a))
     except JarvisError as e:
         print(f"jarvis-chat: error: {e}", file=sys.stderr)
