@@ -151,7 +151,7 @@ class Forwarder:
 
     async def _publish(self, topic: str, msg: wire.Message) -> None:
         try:
-            await self.mesh.publish(topic, wire.encode(msg))
+            await self.mesh.publish(topic, wire.encode(msg), wait_all=False)
         except JarvisError as e:  # custody re-sends it when the brokers are back
             log.warning("%s: publish on %s failed: %s", self.me, topic, e)
 
@@ -184,6 +184,6 @@ class Forwarder:
 async def send_ack(mesh: MeshClient, topics: T.Topics, to: str, ack: T.Ack) -> None:
     """Tell the sender `to` that `ack.by` passed its message on (or needs a replay)."""
     try:
-        await mesh.publish(topics.ack(to), T.pack_ack(ack))
+        await mesh.publish(topics.ack(to), T.pack_ack(ack), wait_all=False)
     except JarvisError as e:
         log.warning("ack to %s not sent: %s", to, e)

@@ -322,12 +322,21 @@ class MeshClient:
                     tg.create_task(link.unsubscribe(topic_filter), name=f"unsubscribe {link}")
 
     async def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        wait_all: bool = True,
     ) -> int:
         """Publish to every connected broker; returns how many acknowledged it.
 
         Waits up to `publish_timeout` for a broker when none is connected, and never longer
-        than that for any one broker; MeshError when no broker took the message.
+        than that for any one broker; MeshError when no broker took the message. With
+        `wait_all=False` it returns at the first acknowledgement and the other brokers' copies
+        complete in the background: a sender on the hot path is not held up by a broker that
+        is dying (its acknowledgement only comes when the connection is seen to drop).
         """
         _check_topic(aiomqtt.Topic, topic, qos)
         if len(payload) > self._max_payload:
@@ -343,16 +352,37 @@ class MeshClient:
             except TimeoutError:
                 raise MeshError(f"no broker connected to publish on {topic!r}") from None
         links = [link for link in self._links if link.client is not None]
-        async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(link.publish(topic, payload, qos, retain), name=f"publish {link}")
-                for link in links
-            ]
-        # A task is cancelled when its broker connection drops mid-publish.
-        acked = sum(1 for t in tasks if not t.cancelled() and t.result())
+        if not wait_all and self._tg is not None:
+            acked = await self._first_ack(links, topic, payload, qos, retain)
+        else:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(
+                        link.publish(topic, payload, qos, retain), name=f"publish {link}"
+                    )
+                    for link in links
+                ]
+            # A task is cancelled when its broker connection drops mid-publish.
+            acked = sum(1 for t in tasks if not t.cancelled() and t.result())
         if acked == 0:
             raise MeshError(f"no broker accepted the message on {topic!r}")
         self.counters.published += 1
+        return acked
+
+    async def _first_ack(
+        self, links: list[_Link], topic: str, payload: bytes, qos: int, retain: bool
+    ) -> int:
+        assert self._tg is not None
+        # Owned by the client's task group: copies still in flight finish (or are cancelled
+        # with their connection) after we return; each is bounded by publish_timeout.
+        pending = {
+            self._tg.create_task(link.publish(topic, payload, qos, retain), name=f"publish {link}")
+            for link in links
+        }
+        acked = 0
+        while pending and not acked:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            acked += sum(1 for t in done if not t.cancelled() and t.result())
         return acked
 
     def messages(self) -> AsyncIterator[MeshMessage]:

@@ -465,7 +465,9 @@ class NodeAgent:
                 skipped=msg.skipped, meta=meta,
             )  # fmt: skip
             try:
-                await mesh.publish(self.topics.client_result(msg.cid), wire.encode(out))
+                await mesh.publish(
+                    self.topics.client_result(msg.cid), wire.encode(out), wait_all=False
+                )
             except JarvisError as e:
                 log.warning("%s: could not send result %s: %s", cfg.node_id, msg.mid, e)
                 return  # no ack: the sender still holds it and will re-send
