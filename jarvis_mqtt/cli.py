@@ -277,10 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     from jarvis_mqtt.cli_ops import register as register_ops
+    from jarvis_mqtt.evaluate import register as register_eval
     from jarvis_mqtt.inspect import register as register_inspect
+    from jarvis_mqtt.plan_cli import register as register_plan
 
     register_inspect(sub)
     register_ops(sub)
+    register_plan(sub)
+    register_eval(sub)
     return p
 
 
