@@ -29,7 +29,7 @@ The rules:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,7 @@ __all__ = [
     "compare",
     "core_seconds",
     "equal_split",
+    "from_spans",
     "memory_split",
     "plan",
     "read_criticality",
@@ -336,6 +337,52 @@ def _build(
         coverage=tuple(coverage), critical=critical, overhead_bytes=costs.overhead,
         kv_bytes_per_layer=costs.kv, replica_missing_bytes=replica_missing_bytes,
     )  # fmt: skip
+
+
+def from_spans(
+    model: ModelSpec,
+    nodes: Sequence[NodeSpec],
+    spans: Mapping[str, tuple[int, int]],
+    *,
+    replication: int = 1,
+    critical: Collection[int] = (),
+    overhead_bytes: int = 0,
+    kv_tokens: int = 0,
+) -> Plan:
+    """The plan that hosts `spans` (node id -> `[start, end)`), e.g. one already applied.
+
+    PlacementError when a node is not among `nodes`, a span does not fit its node's memory,
+    or the spans do not chain into at least one full copy of the model.
+    """
+    costs = _costs(model, nodes, overhead_bytes, kv_tokens)
+    index = {nd.node_id: j for j, nd in enumerate(nodes)}
+    chains: list[int] = []  # the layer each copy has reached
+    out: list[S.Span] = []
+    for node_id, (start, end) in sorted(spans.items(), key=lambda kv: (kv[1], kv[0])):
+        j = index.get(node_id)
+        if j is None or not 0 <= start < end <= model.num_layers:
+            raise PlacementError(f"{node_id} [{start}, {end}): no such node or layers")
+        if costs.need(start, end) > nodes[j].memory_bytes:
+            raise PlacementError(f"{node_id} [{start}, {end}) does not fit its memory")
+        copy = next((c for c, at in enumerate(chains) if at == start), len(chains))
+        chains[copy:copy + 1] = [end]  # fmt: skip
+        out.append(S.Span(j, start, end, copy))
+    if not any(_full(out, c, model.num_layers) for c in range(len(chains))):
+        raise PlacementError("the spans do not chain into a full copy of the model")
+    return _build(
+        model, nodes, costs, out, method="given", replication=replication,
+        critical=frozenset(set(model.critical) | set(critical)),
+    )  # fmt: skip
+
+
+def _full(spans: Sequence[S.Span], copy: int, n: int) -> bool:
+    """Whether copy `copy` of `spans` covers `[0, n)` exactly once, in one chain."""
+    at = 0
+    for sp in sorted((sp for sp in spans if sp.copy == copy), key=lambda sp: sp.start):
+        if sp.start != at:
+            return False
+        at = sp.end
+    return at == n
 
 
 # -- baselines -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     jarvis plan --model NAME [--nodes-json FILE | --broker HOST:PORT,...] [--replication R]
                 [--overhead-mb MB] [--kv-tokens N] [--critical 0,29] [--json]
+    jarvis plan --model NAME --apply [--watch [--debounce S]] [--broker ...]
 
 Nodes come from a JSON file, else from the retained statuses of contributors on the mesh
 (`jarvis node --contribute` announces `memory_bytes`, `cores` and a measured `sec_per_layer`).
@@ -10,8 +11,10 @@ capacity keys themselves or a `capacity` object holding them, so a `NodeStatus`,
 `jarvis inspect nodes --json`, or a hand-written `{"node_id": "s1", "memory_gb": 155,
 "cores": 8}` all work. Entries marked offline are skipped.
 
-The plan is `placement.plan`, shown next to the two baselines of `placement.compare`. This
-module only reads inputs and prints.
+The plan is `placement.plan`, shown next to the two baselines of `placement.compare`. With
+`--apply` it is published as each contributor's retained assignment (`plan_apply`); with
+`--watch` too, it is redone whenever contributors join or leave. This module only reads inputs
+and prints.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import argparse
 import asyncio
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +37,10 @@ from jarvis_mqtt.placement import (
     Score,
     compare,
     core_seconds,
+    from_spans,
+    plan,
 )
+from jarvis_mqtt.placement_apply import keep_stable
 from jarvis_mqtt.placement_specs import fmt_bytes
 
 if TYPE_CHECKING:  # checkpoint brings torch: keep building the `jarvis` parser quick
@@ -72,6 +78,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="critical layers, e.g. 0,29 (default: criticality.json, else first and last)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the plan and baselines as JSON")
+    p.add_argument(
+        "--apply", action="store_true",
+        help="publish the plan over the live contributors as their retained assignments",
+    )  # fmt: skip
+    p.add_argument(
+        "--watch", action="store_true",
+        help="with --apply: stay up and re-plan when contributors join or leave",
+    )  # fmt: skip
+    p.add_argument(
+        "--debounce", type=float, default=2.0, metavar="S",
+        help="with --watch: seconds membership must be still before re-planning (default 2)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_plan)
 
 
@@ -86,9 +104,15 @@ def cmd_plan(a: argparse.Namespace) -> int:
     """Run `jarvis plan`."""
     from jarvis_mqtt.checkpoint import ModelDir
 
+    if a.watch and not a.apply:
+        raise ConfigError("--watch goes with --apply")
+    if a.apply and (a.nodes_json or a.json):
+        raise ConfigError("--apply plans over the live contributors: no --nodes-json or --json")
     root = Path(a.models_dir) if getattr(a, "models_dir", None) else None
     md = ModelDir.open(a.model if root is None else str(root / a.model))
     critical = _layers(a.critical) if a.critical else None
+    if a.apply:
+        return _cmd_apply(a, md, root, critical)
     model = ModelSpec.from_model_dir(md, critical)
     if a.nodes_json:
         try:
@@ -99,12 +123,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     else:
         entries = _live_entries(a)
     nodes, notes = nodes_from_entries(entries, bench_scale=_bench_scale(md, entries, root))
-    kw: dict[str, Any] = dict(
-        replication=a.replication,
-        overhead_bytes=int(a.overhead_mb * 2**20),
-        kv_tokens=a.kv_tokens,
-    )
-    scores = compare(model, nodes, **kw)
+    scores = compare(model, nodes, **_plan_kw(a))
     best = scores["planner"]
     if a.json:
         print(json.dumps(_json(scores, notes)))
@@ -121,6 +140,69 @@ def cmd_plan(a: argparse.Namespace) -> int:
     for line in baseline_lines(scores):
         console.print(line)
     return 0
+
+
+def _plan_kw(a: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        replication=a.replication,
+        overhead_bytes=int(a.overhead_mb * 2**20),
+        kv_tokens=a.kv_tokens,
+    )
+
+
+def _cmd_apply(
+    a: argparse.Namespace, md: ModelDir, root: Path | None, critical: list[int] | None
+) -> int:
+    """`--apply [--watch]`: publish the plan as assignments (and keep it current)."""
+    import signal
+
+    from jarvis_mqtt.inspect import connection_from_args
+    from jarvis_mqtt.plan_apply import ApplySettings, apply_once, watch
+
+    conn = connection_from_args(a)
+    settings = ApplySettings(model=md.name, debounce=a.debounce)
+    planner = make_planner(md, root, critical, **_plan_kw(a))
+
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    if not a.watch:
+        asyncio.run(apply_once(conn, settings, planner, out))
+        return 0
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await watch(conn, settings, planner, stop, out)
+
+    asyncio.run(run())
+    return 0
+
+
+def make_planner(
+    md: ModelDir, root: Path | None, critical: list[int] | None, **kw: Any
+) -> Callable[[Sequence[Mapping[str, Any]], Mapping[str, tuple[int, int]]], tuple[Plan, list[str]]]:
+    """The planner `--apply` runs on every change: the best plan, or the one in place while
+    it is about as good (`placement_apply.keep_stable`), and notes on the nodes.
+
+    The model spec is read each time, so a `criticality.json` written meanwhile counts.
+    """
+
+    def planner(
+        entries: Sequence[Mapping[str, Any]], in_place: Mapping[str, tuple[int, int]]
+    ) -> tuple[Plan, list[str]]:
+        model = ModelSpec.from_model_dir(md, critical)
+        nodes, notes = nodes_from_entries(entries, bench_scale=_bench_scale(md, entries, root))
+        new = plan(model, nodes, **kw)
+        try:
+            kept = from_spans(model, nodes, in_place, **kw) if in_place else None
+        except PlacementError:  # a node of it left, or it no longer fits: plan anew
+            kept = None
+        return keep_stable(new, kept), notes
+
+    return planner
 
 
 def _layers(text: str) -> list[int]:

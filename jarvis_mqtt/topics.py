@@ -197,6 +197,10 @@ class Topics:
         """A contributor node's retained assignment."""
         return f"{self.root}/assign/{check_name(node_id, 'node id')}"
 
+    def all_assign(self) -> str:
+        """Wildcard over every node's assignment."""
+        return f"{self.root}/assign/+"
+
     def client_result(self, client_id: ClientId | str) -> str:
         """Where results and errors for one client go."""
         return f"{self.root}/client/{check_name(client_id, 'client id')}/result"

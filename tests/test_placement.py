@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from jarvis_mqtt import placement_search
 from jarvis_mqtt.checkpoint import ModelDir
 from jarvis_mqtt.errors import CheckpointError, ConfigError
+from jarvis_mqtt.evaluate import load_criticality
 from jarvis_mqtt.membership import NodeStatus
 from jarvis_mqtt.placement import (
     ModelSpec,
@@ -24,10 +25,13 @@ from jarvis_mqtt.placement import (
     Plan,
     compare,
     equal_split,
+    from_spans,
     memory_split,
     plan,
 )
+from jarvis_mqtt.placement_apply import assignments, keep_stable, plan_id, spans_of, to_publish
 from jarvis_mqtt.plan_cli import nodes_from_entries, register
+from jarvis_mqtt.topics import Assignment
 
 GB = 10**9
 
@@ -470,3 +474,97 @@ def test_jarvis_plan_prints_the_plan_and_baselines(
     assert not got["fits"] and got["compare"]["planner"]["missing_bytes"] > 0
     with pytest.raises(PlacementError, match="missing"):
         run_cli([*base, "--overhead-mb", "1000"])
+
+
+# -- applying a plan: assignments, what changes, stability ---------------------------------------
+
+
+def test_from_spans_rebuilds_an_applied_plan_or_says_why_not() -> None:
+    model, nodes = model_of([10] * 6), [node("a", 100), node("b", 100), node("c", 30)]
+    p = from_spans(model, nodes, {"a": (0, 3), "b": (3, 6), "c": (0, 2)}, replication=2)
+    assert p.method == "given" and p.coverage == (2, 2, 1, 1, 1, 1)
+    assert p.bottleneck_s == 3.0 and p.latency_s == 6.0
+    assert p.spans_by_node() == {"a": (0, 3), "b": (3, 6), "c": (0, 2)}
+    with pytest.raises(PlacementError, match="memory"):
+        from_spans(model, nodes, {"a": (0, 2), "c": (2, 6)})
+    with pytest.raises(PlacementError, match="no such node"):
+        from_spans(model, nodes, {"a": (0, 3), "gone": (3, 6)})
+    with pytest.raises(PlacementError, match="full copy"):
+        from_spans(model, nodes, {"a": (0, 3), "b": (4, 6)})
+
+
+def test_assignments_keep_other_models_and_empty_or_clear_the_rest() -> None:
+    current = {
+        "a": Assignment((("m", 0, 4), ("other", 0, 2)), "old"),
+        "b": Assignment((("m", 4, 8),), "old"),
+        "gone": Assignment((("m", 0, 8),), "old"),
+    }
+    spans = {"a": (0, 5), "c": (5, 8)}
+    got = assignments("m", spans, ["a", "b", "c"], current)
+    pid = plan_id("m", spans)
+    assert got == {
+        "a": Assignment((("m", 0, 5), ("other", 0, 2)), pid),
+        "b": Assignment((), pid),  # live, in no plan: hosts nothing
+        "c": Assignment((("m", 5, 8),), pid),
+        "gone": None,  # neither live nor planned: its retained assignment is cleared
+    }
+    assert plan_id("m", dict(spans)) == pid != plan_id("m", {"a": (0, 5), "c": (5, 7)})
+    assert spans_of("m", current) == {"a": (0, 4), "b": (4, 8), "gone": (0, 8)}
+    assert spans_of("other", current) == {"a": (0, 2)}
+    assert to_publish(current, got) == got  # every node's spans or id changed
+    applied = {n: a for n, a in got.items() if a is not None}
+    assert to_publish(applied, got) == {}
+    again = assignments("m", spans, ["a", "b", "c"], {**applied, "d": Assignment((), "x")})
+    assert to_publish({**applied, "d": Assignment((), "x")}, again) == {}  # spans all the same
+    moved = assignments("m", {"a": (0, 4), "c": (4, 8)}, ["a", "b", "c"], applied)
+    assert set(to_publish(applied, moved)) == {"a", "b", "c"}  # same spans, new plan id: "b"
+
+
+def test_keep_stable_keeps_the_applied_plan_unless_clearly_worse() -> None:
+    model = model_of([10] * 12)
+    three = [node("a", 10**6), node("b", 10**6), node("c", 10**6)]
+    best = plan(model, three)
+    assert best.bottleneck_s == 4.0
+    nearly = from_spans(model, three, {"a": (0, 4), "b": (4, 8), "c": (8, 12)})
+    assert keep_stable(best, nearly) is nearly
+    lopsided = from_spans(model, three, {"a": (0, 6), "b": (6, 9), "c": (9, 12)})
+    assert keep_stable(best, lopsided) is best  # 6 s against 4 s per token
+    assert keep_stable(best, None) is best
+    four = [*three, node("d", 10**6)]
+    assert (
+        keep_stable(plan(model, four), from_spans(model, four, nearly.spans_by_node())).bottleneck_s
+        == 3.0
+    )
+    two = plan(model, four, replication=2)
+    assert keep_stable(two, from_spans(model, four, nearly.spans_by_node(), replication=2)) is two
+
+
+def test_jarvis_plan_reads_criticality_json_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    md = fake_model_dir(tmp_path / "models" / "tiny", [10 * 2**20] * 8)
+    nodes = [{"node_id": f"pi-{i}", "memory_bytes": 200 * 2**20, "cores": 4} for i in range(3)]
+    (tmp_path / "nodes.json").write_text(json.dumps(nodes))
+    base = ["--models-dir", str(tmp_path / "models"), "plan", "--model", "tiny", "--json",
+            "--nodes-json", str(tmp_path / "nodes.json"), "--overhead-mb", "50",
+            "--replication", "2"]  # fmt: skip
+    assert run_cli(base) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["critical"] == [0, 7]  # no file
+    # What `jarvis eval sweep` writes (eval_sweep.criticality): never_skip and per-layer kl.
+    (md / "criticality.json").write_text(json.dumps({
+        "model": "tiny", "metric": "kl", "never_skip": [3, 4],
+        "layers": {str(i): {"acc_drop": 0.0, "kl": 0.1 * i, "agreement": 1.0} for i in range(8)},
+    }))  # fmt: skip
+    assert load_criticality(md) is not None  # the evaluator's reader accepts it too
+    assert run_cli(base) == 0
+    got = json.loads(capsys.readouterr().out)["plan"]
+    assert got["critical"] == [3, 4]
+    assert run_cli([*base, "--critical", "1"]) == 0  # the flag wins over the file
+    assert json.loads(capsys.readouterr().out)["plan"]["critical"] == [1]
+
+
+def test_jarvis_plan_apply_flags_are_checked() -> None:
+    with pytest.raises(ConfigError, match="--watch goes with --apply"):
+        run_cli(["plan", "--model", "x", "--watch"])
+    with pytest.raises(ConfigError, match="no --nodes-json"):
+        run_cli(["plan", "--model", "x", "--apply", "--nodes-json", "f.json"])
