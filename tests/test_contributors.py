@@ -16,7 +16,7 @@ from jarvis_mqtt.brokers import BrokerAddress
 from jarvis_mqtt.checkpoint import ModelDir
 from jarvis_mqtt.client import RemoteModel, wait_for_nodes
 from jarvis_mqtt.generate import LocalModel
-from jarvis_mqtt.membership import MeshView
+from jarvis_mqtt.membership import MeshView, NodeStatus
 from jarvis_mqtt.mesh import stop_pid
 from jarvis_mqtt.sampling import SamplingParams
 from jarvis_mqtt.transport import MeshClient
@@ -196,3 +196,86 @@ async def _collect(
 ) -> tuple[list[int], list[str]]:
     events = [e async for e in remote.generate(ids, params)]
     return [e.token_id for e in events], [str(h["node"]) for h in events[-1].route]
+
+
+def plan_cmd(c: Contributors, model: str, *flags: str) -> list[str]:
+    """`jarvis plan --apply` over the contributors' mesh."""
+    return [
+        sys.executable, "-m", "jarvis_mqtt.cli", "--models-dir", str(models_cache()), "plan",
+        "--model", model, "--apply", "--broker", ",".join(map(str, c.brokers)),
+        "--topic-root", c.root, *flags,
+    ]  # fmt: skip
+
+
+def contributors_of(live: list[NodeStatus]) -> list[str]:
+    """The devices behind hosted node ids (`e1.model.2` -> `e1`)."""
+    return [s.node_id.split(".")[0] for s in live]
+
+
+def test_plan_apply_places_the_model_and_the_watcher_rebalances_mid_chat(
+    smollm2_dir: ModelDir, contributors: Callable[..., Contributors], tmp_path: Path
+) -> None:
+    n_tokens = 24
+    want = reference(smollm2_dir, n_tokens)
+    model = smollm2_dir.name
+    c = contributors("e1", "e2", "e3")
+    once = subprocess.run(
+        plan_cmd(c, model), capture_output=True, text=True, timeout=180, check=False
+    )
+    assert once.returncode == 0, once.stderr
+    for node in ("e1", "e2", "e3"):  # each told its span, and the output says so
+        assert f"  {node}: {model} [" in once.stdout, once.stdout
+    watch_log = tmp_path / "watch.log"
+    with watch_log.open("wb") as out:
+        watcher = subprocess.Popen(
+            plan_cmd(c, model, "--watch", "--debounce", "2"), stdout=out, stderr=out
+        )
+    try:
+        routes = asyncio.run(_chat_through_a_join(c, smollm2_dir, want, n_tokens))
+    finally:
+        stop_pid(watcher.pid)
+        watcher.wait()
+    log = watch_log.read_text()
+    assert "unchanged" in log, log  # started over the plan in place: nothing republished
+    assert "  e4: " in log, log  # then the join: e4 given a span
+    assert sorted(routes[0]) == ["e1", "e2", "e3"]
+    assert sorted(routes[-1]) == ["e1", "e2", "e3", "e4"]
+
+
+async def _chat_through_a_join(
+    c: Contributors, md: ModelDir, want: list[int], n_tokens: int
+) -> list[list[str]]:
+    """A chat during which `e4` joins and the watcher re-plans; each reply's route."""
+    remote = RemoteModel(md, c.brokers, topic_root=c.root, allow_skip=False)
+    remote.tokenizer.eos_token_ids = frozenset()
+    params = SamplingParams(max_new_tokens=n_tokens)
+    routes: list[list[str]] = []
+
+    async def until(ok: Callable[[], bool], timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not ok():  # noqa: ASYNC110 - a view updated by the client's own task
+                await asyncio.sleep(0.1)
+
+    async with remote:
+        await remote.wait_ready(60)
+        tokens = []
+        async for ev in remote.generate(chat_ids(md, PROMPT), params):
+            tokens.append(ev.token_id)
+            if len(tokens) == 1:
+                routes.append([str(h["node"]).split(".")[0] for h in ev.route])
+            if len(tokens) == 6:
+                # A fourth device joins; the watcher re-plans over four while the chat waits
+                # for e4's span to come up, then goes on during the switch.
+                await asyncio.to_thread(c.start, "e4")
+                await wait_for_nodes(c.brokers, c.root, ["e4"], 60)
+                await until(lambda: "e4" in contributors_of(remote.view.live(md.name)), 120)
+        assert tokens == want  # nothing dropped or changed by the rebalance
+
+        def new_plan_in_place() -> bool:  # four spans, one per device: old ones retired
+            return sorted(contributors_of(remote.view.live(md.name))) == ["e1", "e2", "e3", "e4"]
+
+        await until(new_plan_in_place, 150)
+        again = [e async for e in remote.generate(chat_ids(md, PROMPT), params)]
+        assert [e.token_id for e in again] == want
+        routes.append([str(h["node"]).split(".")[0] for h in again[-1].route])
+    return routes
