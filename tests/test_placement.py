@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jarvis_mqtt import placement_search
+from jarvis_mqtt.brokers import BrokerAddress
 from jarvis_mqtt.checkpoint import ModelDir
 from jarvis_mqtt.errors import CheckpointError, ConfigError
 from jarvis_mqtt.evaluate import load_criticality
@@ -30,8 +31,10 @@ from jarvis_mqtt.placement import (
     plan,
 )
 from jarvis_mqtt.placement_apply import assignments, keep_stable, plan_id, spans_of, to_publish
+from jarvis_mqtt.plan_apply import MeshState
 from jarvis_mqtt.plan_cli import nodes_from_entries, register
-from jarvis_mqtt.topics import Assignment
+from jarvis_mqtt.topics import Assignment, Topics, pack_assignment, pack_status
+from jarvis_mqtt.transport import MeshMessage
 
 GB = 10**9
 
@@ -568,3 +571,34 @@ def test_jarvis_plan_apply_flags_are_checked() -> None:
         run_cli(["plan", "--model", "x", "--watch"])
     with pytest.raises(ConfigError, match="no --nodes-json"):
         run_cli(["plan", "--model", "x", "--apply", "--nodes-json", "f.json"])
+
+
+def test_mesh_state_folds_contributors_and_assignments() -> None:
+    topics = Topics("t")
+    state = MeshState(topics)
+    where = BrokerAddress("localhost", 1883)
+
+    def msg(topic: str, payload: bytes) -> MeshMessage:
+        return MeshMessage(topic, payload, True, 1, where)
+
+    def status(node_id: str, **kw: Any) -> bytes:
+        base: dict[str, Any] = dict(model="", start=0, end=0, capacity={"memory_bytes": GB})
+        return pack_status(NodeStatus(node_id=node_id, **{**base, **kw}))
+
+    assert state.fold(msg(topics.node_status("a"), status("a")))
+    assert state.fold(msg(topics.node_status("b"), status("b")))
+    assert state.fold(msg(topics.node_status("a.m.1"), status("a.m.1", model="m", end=3)))
+    assert state.fold(msg(topics.node_status("c"), status("c", capacity={"cores": 2})))
+    assert state.fold(msg(topics.node_status("d"), status("d", online=False)))
+    assert [e["node_id"] for e in state.entries()] == ["a", "b"]  # idle, live, with memory
+    before = state.key()
+    assert state.fold(msg(topics.node_status("b"), b""))  # b left cleanly
+    assert [k for k, _ in state.key()] == ["a"] and state.key() != before
+    assert state.fold(msg(topics.node_status("a"), status("a", time=5.0)))
+    assert [k for k, _ in state.key()] == ["a"]  # a heartbeat is no change
+    a = Assignment((("m", 0, 3),), "p")
+    assert state.fold(msg(topics.assign("a"), pack_assignment(a)))
+    assert state.current == {"a": a}
+    assert state.fold(msg(topics.assign("a"), b"")) and state.current == {}
+    assert not state.fold(msg(topics.assign("a"), b"\xc1"))  # bad payload: skipped
+    assert not state.fold(msg("t/m/m/free", b""))  # not a status or an assignment
