@@ -174,7 +174,8 @@ def _brief(plan: Plan) -> str:
     spans = ", ".join(f"{p.node_id} [{p.start}, {p.end})" for p in plan.placements)
     short = plan.under_replicated if plan.replication > 1 else []
     extra = f"; fewer copies of {format_layers(short)}" if short else ""
-    return f"{spans}; {plan.tokens_per_s:.4g} tokens/s ({plan.method}){extra}"
+    how = "the plan in place, about as good" if plan.method == "given" else plan.method
+    return f"{spans}; {plan.tokens_per_s:.4g} tokens/s ({how}){extra}"
 
 
 async def _subscribe(mesh: MeshClient, topics: T.Topics) -> None:
