@@ -69,25 +69,32 @@ def mmlu_path() -> Path:
 def load_mmlu(path: Path | None = None) -> list[Question]:
     """Every question of the jsonl; lines that are not a question (stray headers) are dropped."""
     path = path or mmlu_path()
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: \u2028 in text
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"MMLU questions: cannot read {path}: {e}") from e
     out = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
             gold = str(row.get("correct_answer", ""))
             if gold not in LETTERS:  # the file carries two copies of its CSV header row
                 continue
             choices = tuple(str(row[f"answer_{c.lower()}"]) for c in LETTERS)
-            out.append(
-                Question(
-                    index=i,
-                    subject=str(row["topic"]),
-                    question=str(row["question"]).strip(),
-                    choices=choices,  # type: ignore[arg-type]
-                    answer=LETTERS.index(gold),
-                )
+            subject, question = str(row["topic"]), str(row["question"]).strip()
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ConfigError(f"{path}:{i + 1}: not an MMLU question: {e}") from e
+        out.append(
+            Question(
+                index=i,
+                subject=subject,
+                question=question,
+                choices=choices,  # type: ignore[arg-type]
+                answer=LETTERS.index(gold),
             )
+        )
     return out
 
 
@@ -135,10 +142,14 @@ class Bank:
     ) -> list[Question]:
         """Questions from the end of each subject's order, round robin over subjects.
 
-        A prefix of the result is stratified, so `limit` keeps every subject in play.
+        Subjects take turns in one seeded order, so any prefix is stratified: a `limit` below
+        the number of subjects takes one question from each of that many random subjects (not
+        the alphabetically first), and a larger one spreads evenly over all of them.
         """
+        order = self.pick_subjects(subjects)
+        random.Random(f"{self.seed}/subjects").shuffle(order)
         columns = []
-        for subject in self.pick_subjects(subjects):
+        for subject in order:
             qs = self.by_subject[subject][::-1]
             columns.append(qs[:per_subject] if per_subject is not None else qs)
         out: list[Question] = []

@@ -1,10 +1,13 @@
 """Run the model with layers skipped, as the mesh does, and read log-probabilities off the head.
 
-The model is held as one single-layer `LayerSpan` per decoder layer, chained: a mesh of
-one-layer nodes in one process. Skipping goes through `LayerSpan.forward(..., skip=...)`, the
-call a node makes. Because layers before the first skipped one compute exactly what the intact
-model computes, a skip set's run starts from the intact hidden states recorded at its first
-skipped layer: a sweep of single and paired skips costs about half of running them all in full.
+The model is held as one single-layer `LayerSpan` per decoder layer: a mesh of one-layer nodes
+in one process. A skip set is a set of those nodes gone; the route through the rest comes from
+`routing.next_hop` with skipping allowed, the function every sender of the mesh routes by, and
+each hop runs its span as a node does (`span(x, segments, skip=layers entered past)`). So the
+evaluation skips exactly what the mesh would skip. Because layers before the first skipped one
+compute what the intact model computes, a skip set's run starts from the intact hidden states
+recorded at its first skipped layer: a sweep of single and paired skips costs about half of
+running them all in full.
 
 Prompts are packed several sessions to a forward. Four answers to one prompt share its prompt:
 it is prefilled once, its KV caches are copied into one session per answer (`fork`), and only
@@ -21,8 +24,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from jarvis_mqtt.errors import ConfigError
 from jarvis_mqtt.generate import Generation
+from jarvis_mqtt.membership import NodeStatus
 from jarvis_mqtt.model import LayerCache, Segment
+from jarvis_mqtt.routing import Hop, next_hop
 from jarvis_mqtt.runtime import LayerSpan, SessionState, load_client_stages
 from jarvis_mqtt.sampling import SamplingParams
 
@@ -172,6 +178,31 @@ def kl_agreement(ref: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, 
     return kl.double(), same.double()
 
 
+def skip_route(num_layers: int, skip: Skip) -> list[Hop]:
+    """The hops an activation takes through one-layer nodes when the nodes of `skip` are gone.
+
+    Built by `next_hop` with skipping allowed and nothing never-skip, as a sender routes it;
+    the last hop (node None) returns to the client, which applies the head.
+    """
+    live = [
+        NodeStatus(node_id=f"layer-{i}", model="eval", start=i, end=i + 1)
+        for i in range(num_layers)
+        if i not in skip
+    ]
+    hops: list[Hop] = []
+    layer = 0
+    while True:
+        hop = next_hop(live, layer, num_layers, allow_skip=True)
+        hops.append(hop)
+        if hop.node_id is None:
+            break
+        layer = hop.end
+    skipped = {i for h in hops for i in h.skipped}
+    if skipped != set(skip):  # a skip set naming layers the model does not have
+        raise ConfigError(f"skip set {sorted(skip)} is not a route's skips {sorted(skipped)}")
+    return hops
+
+
 def fork(span: LayerSpan, src: str, dst: str) -> None:
     """Give session `dst` a copy of session `src`'s KV caches in `span`."""
     state = span.sessions[src]
@@ -217,15 +248,18 @@ class Evaluator:
                     parents.append(p_segs[i].session)
         out = _Run(h_p, h_c)
         try:
-            for j in range(first, self.num_layers):
+            for hop in skip_route(self.num_layers, skip):
+                if hop.node_id is None or hop.enter < first:
+                    continue  # the client's head; or a layer whose output `start` recorded
                 if record:
                     out.record.append((h_p, h_c))
-                span = self.spans[j]
-                h_p = span(h_p, p_segs, skip=skip)
+                span = self.spans[hop.enter]
+                entered_past = range(span.start, hop.enter)  # what a node skips in its span
+                h_p = span(h_p, p_segs, skip=entered_past)
                 if c_segs:
                     for seg, parent in zip(c_segs, parents, strict=True):
                         fork(span, parent, seg.session)
-                    h_c = span(h_c, c_segs, skip=skip)
+                    h_c = span(h_c, c_segs, skip=entered_past)
         finally:
             for span in self.spans:
                 for seg in (*p_segs, *c_segs):
@@ -289,8 +323,10 @@ class Evaluator:
     def _step(self, tokens: Sequence[int], session: str, start: int, skip: Skip) -> torch.Tensor:
         h = self.embed(torch.tensor(list(tokens), dtype=torch.long))
         seg = [Segment(session, start, len(tokens))]
-        for span in self.spans:
-            h = span(h, seg, skip=skip)
+        for hop in skip_route(self.num_layers, skip):
+            if hop.node_id is not None:
+                span = self.spans[hop.enter]
+                h = span(h, seg, skip=range(span.start, hop.enter))
         return self.head(h[-1:])[0]
 
     def generate(self, prompt: Sequence[int], skip: Skip = INTACT, max_new_tokens: int = 32) -> str:

@@ -79,6 +79,7 @@ def run_sweep(
     bank: Bank,
     *,
     per_subject: int = 1,
+    limit: int | None = None,
     shots: int = 0,
     formats: Sequence[str] = ("letter", "cloze"),
     subjects: Sequence[str] | None = None,
@@ -91,7 +92,7 @@ def run_sweep(
     """Run the sweep; return its JSON (settings, one row per skip set, timings)."""
     t0 = time.perf_counter()
     n = ev.num_layers
-    questions = bank.sample(subjects, per_subject=per_subject)
+    questions = bank.sample(subjects, per_subject=per_subject, limit=limit)
     items = [
         build_item(ev.tokenizer, bank, q, f, shots, ev.max_len) for q in questions for f in formats
     ]
@@ -130,6 +131,7 @@ def run_sweep(
         "settings": {
             "questions": len(questions),
             "per_subject": per_subject,
+            "limit": limit,
             "subjects": len({q.subject for q in questions}),
             "shots": shots,
             "formats": list(formats),

