@@ -2,7 +2,7 @@
 
     jarvis eval mmlu --model NAME [--skip LAYERS] [--subjects ...] [--limit N] [--shots K]
     jarvis eval perplexity --model NAME [--skip LAYERS] [--file F]
-    jarvis eval sweep --model NAME        # writes docs/skip-sweep-NAME.* and criticality.json
+    jarvis eval sweep --model NAME        # docs/eval/NAME/skip-sweep-NAME.*, criticality.json
 
 Layers are numbered from 0. The pieces: `eval_data` (MMLU and its prompts), `eval_engine`
 (the model as single-layer spans, skip sets, log-probabilities), `eval_scores` (accuracy,
@@ -241,12 +241,13 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             max_new_tokens=a.max_new_tokens,
             tracker=tracker,
         )
-    paths = eval_report.write(sweep, Path(a.out_dir))
+    out_dir = Path(a.out_dir) if a.out_dir else Path("docs", "eval", md.name)
+    paths = eval_report.write(sweep, out_dir)
     for p in paths:
         print(f"wrote {p}", file=sys.stderr)
     if not a.no_criticality:
         profile = criticality(sweep, paths[0].name)
-        copy = Path(a.out_dir) / CRITICALITY_FILE  # model dirs are not in git
+        copy = out_dir / CRITICALITY_FILE  # model dirs are not in git
         copy.write_text(json.dumps(profile, indent=2) + "\n")
         print(f"wrote {write_criticality(md, profile)} and {copy}", file=sys.stderr)
         print(f"never skip: {profile['never_skip']}  ({profile['rule']})", file=sys.stderr)
@@ -312,7 +313,7 @@ def add_commands(esub: Any) -> None:
     chat = s.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None)
     chat.add_argument("--no-chat", dest="chat", action="store_false")
-    s.add_argument("--out-dir", default="docs", help="where the table and heatmap go")
+    s.add_argument("--out-dir", help="where the table and heatmap go (docs/eval/MODEL)")
     s.add_argument("--no-criticality", action="store_true", help="leave criticality.json be")
     s.set_defaults(func=cmd_sweep)
 

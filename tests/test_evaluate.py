@@ -268,3 +268,21 @@ def test_cli_mmlu_and_help(
     assert skipped["letter"]["by_subject"]["wrong"]["accuracy"] == 1.0
     assert jarvis([*argv, "--skip", "9", "-q"]) == 2  # no layer 9: an error, not a traceback
     assert "layers run from 0 to 3" in capsys.readouterr().err
+
+
+def test_cli_sweep_writes_docs_and_both_criticality_files(md: ModelDir, tmp_path: Path) -> None:
+    path = _questions(tmp_path, {"right": "BB", "wrong": "CC"})
+    out = tmp_path / "docs"
+    argv = ["eval", "sweep", "--model", str(md.path), "--questions", str(path), "--limit", "3"]
+    argv += ["--per-subject", "2"]
+    argv += ["--sets", "0,1,2", "--max-new-tokens", "2", "--out-dir", str(out), "-q"]
+    try:
+        assert jarvis(argv) == 0
+        sweep = json.loads((out / "skip-sweep-rigged.json").read_text())
+        assert sweep["settings"]["questions"] == 3 and sweep["settings"]["limit"] == 3
+        assert any(r["kind"] == "chosen" and r["skip"] == [0, 1, 2] for r in sweep["runs"])
+        assert (out / "skip-sweep-rigged.png").is_file()
+        copy = json.loads((out / "criticality.json").read_text())
+        assert copy == load_criticality(md) and copy["never_skip"] == [1]
+    finally:
+        (md.path / "criticality.json").unlink(missing_ok=True)
