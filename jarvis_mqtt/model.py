@@ -240,10 +240,16 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, offset: float) -> None:
         super().__init__()
         self.eps = eps
+        self._eps = torch.tensor(eps, device="cpu")  # not on the meta device spans build on
         self.offset = offset
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the default: the same math in fewer dispatched ops
+            # A 0-d tensor eps and x * x, not `+ 1e-6` and pow(2): Python scalars are wrapped
+            # into tensors by a copy on every call, which costs more than the math here.
+            x = x * torch.rsqrt((x * x).mean(-1, keepdim=True).add_(self._eps))
+            return x * (self.offset + self.weight) if self.offset else self.weight * x
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset:
@@ -290,13 +296,31 @@ class RopeTable:
         emb = torch.cat((freqs, freqs), dim=-1)
         return cls(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
 
-    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` of shape (N, heads, head_dim) by the angles of `positions` (N,)."""
+    def at(self, positions: torch.Tensor) -> RopeAngles:
+        """The angles of `positions` (N,), looked up once per forward for every layer."""
         cos = self.cos[positions].unsqueeze(1)  # (N, 1, head_dim)
         sin = self.sin[positions].unsqueeze(1)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        half = sin.shape[-1] // 2
+        # The sign of rotate-half folded into sin: x * cos + roll(x) * signed_sin.
+        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return RopeAngles(cos, signed, half)
+
+
+@dataclass(frozen=True)
+class RopeAngles:
+    """cos and signed sin at the positions of one packed batch, `(N, 1, head_dim)` each."""
+
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
+    half: int
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate `x` of shape (N, heads, head_dim), rotate-half layout (as Hugging Face).
+
+        `roll` by half a head gives (x2, x1); with sin's first half negated this is exactly
+        `x * cos + cat(-x2, x1) * sin`, in four ops instead of seven.
+        """
+        return x * self.cos + x.roll(self.half, dims=-1) * self.signed_sin
 
 
 @dataclass(frozen=True)
@@ -349,6 +373,7 @@ class Attention(nn.Module):
             self.k_norm: RMSNorm | None = RMSNorm(hd, args.rms_norm_eps, 1.0)
         else:
             self.q_norm = self.k_norm = None
+        self._scale = torch.tensor(args.attn_scale, device="cpu")  # 0-d: no per-call wrapping
         # Filled by `fuse()` after loading: q, k and v in one (in, out) matrix, see `matmul_t`.
         self.qkv_t: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
@@ -366,8 +391,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RopeTable,
-        positions: torch.Tensor,
+        rope: RopeAngles,
         segments: Sequence[Segment],
         caches: Sequence[LayerCache],
         window: int | None,
@@ -379,42 +403,62 @@ class Attention(nn.Module):
         qkv = matmul_t(x, self.qkv_t)  # (N, (h + 2 kv) hd)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
-        q, k, v = qkv.split((h * hd, kv * hd, kv * hd), dim=-1)
-        q = q.view(n, h, hd)
-        k = k.view(n, kv, hd)
-        v = v.view(n, kv, hd)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = rope.apply(q, positions)
-        k = rope.apply(k, positions)
+            q, k, v = qkv.split((h * hd, kv * hd, kv * hd), dim=-1)
+            q = rope.apply(self.q_norm(q.view(n, h, hd)))
+            k = rope.apply(self.k_norm(k.view(n, kv, hd)))
+        else:  # q and k rotated together: one set of ops for both
+            qk = rope.apply(qkv[:, : (h + kv) * hd].view(n, h + kv, hd))
+            q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + kv) * hd :].view(n, kv, hd)
+        if len(segments) == 1:  # the common case: no packing, no copy into `out`
+            return matmul_t(self._attend(q, k, v, segments[0], caches[0], window), self.o_t)
         out = torch.empty(n, h * hd, dtype=x.dtype)
         row = 0
         for seg, cache in zip(segments, caches, strict=True):
-            end_pos = seg.start + seg.length
             rows = slice(row, row + seg.length)
-            cache.k[:, seg.start : end_pos] = k[rows].transpose(0, 1)
-            cache.v[:, seg.start : end_pos] = v[rows].transpose(0, 1)
-            first = 0 if window is None else max(0, end_pos - seg.length - window + 1)
-            keys = cache.k[:, first:end_pos]  # (kv, T_k, hd)
-            values = cache.v[:, first:end_pos]
-            qs = q[rows].transpose(0, 1)  # (h, T_q, hd)
-            mask = _mask(seg, first, window, x.device)
-            if seg.length <= _SMALL_QUERY:
-                o = _attend_small(qs, keys, values, mask, a.attn_scale)
-            else:
-                o = F.scaled_dot_product_attention(
-                    qs, keys, values, attn_mask=mask, scale=a.attn_scale, enable_gqa=h != kv
-                )  # (h, T_q, hd)
-            out[rows] = o.transpose(0, 1).reshape(seg.length, h * hd)
+            out[rows] = self._attend(q[rows], k[rows], v[rows], seg, cache, window)
             row += seg.length
         return matmul_t(out, self.o_t)
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seg: Segment,
+        cache: LayerCache,
+        window: int | None,
+    ) -> torch.Tensor:
+        """One session's rows: write its keys and values to the cache, attend, `(T_q, h hd)`."""
+        a = self.args
+        h, kv = a.num_heads, a.num_kv_heads
+        end_pos = seg.start + seg.length
+        cache.k[:, seg.start : end_pos] = k.transpose(0, 1)
+        cache.v[:, seg.start : end_pos] = v.transpose(0, 1)
+        first = 0 if window is None else max(0, end_pos - seg.length - window + 1)
+        keys = cache.k[:, first:end_pos]  # (kv, T_k, hd)
+        values = cache.v[:, first:end_pos]
+        qs = q.transpose(0, 1)  # (h, T_q, hd)
+        mask = _mask(seg, first, window, q.device)
+        if seg.length <= _SMALL_QUERY:
+            o = _attend_small(qs, keys, values, mask, self._scale)
+        else:
+            o = F.scaled_dot_product_attention(
+                qs, keys, values, attn_mask=mask, scale=a.attn_scale, enable_gqa=h != kv
+            )  # (h, T_q, hd)
+        return o.transpose(0, 1).reshape(seg.length, h * a.head_dim)
 
 
 _SMALL_QUERY = 8  # decode-sized queries: two bmm beat SDPA's set-up cost (23 vs 59 us here)
 
 
 def _attend_small(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: torch.Tensor,
 ) -> torch.Tensor:
     """Attention of a few queries `(h, T_q, hd)` over `(kv, T_k, hd)` keys with grouped heads."""
     h, tq, hd = q.shape
@@ -423,7 +467,10 @@ def _attend_small(
     scores = torch.bmm(q.reshape(kv, g * tq, hd), k.transpose(1, 2)) * scale  # (kv, g T_q, T_k)
     if mask is not None:
         scores = scores.view(kv, g, tq, -1).masked_fill(~mask, float("-inf")).view(kv, g * tq, -1)
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    if scores.dtype == torch.float32:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return torch.bmm(probs, v).view(h, tq, hd)
 
 
@@ -493,14 +540,11 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RopeTable,
-        positions: torch.Tensor,
+        rope: RopeAngles,
         segments: Sequence[Segment],
         caches: Sequence[LayerCache],
     ) -> torch.Tensor:
-        attn = self.self_attn(
-            self.input_layernorm(x), rope, positions, segments, caches, self.window
-        )
+        attn = self.self_attn(self.input_layernorm(x), rope, segments, caches, self.window)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

@@ -287,11 +287,16 @@ class LayerSpan(nn.Module):
         states = self._reserve(segments)
         skip = set(skip)
         positions = positions_of(segments)
+        # RoPE angles looked up once for all layers (Gemma 3's sliding layers have their own).
+        global_rope = self._rope_global.at(positions)
+        local_rope = (
+            global_rope if self._rope_local is self._rope_global else self._rope_local.at(positions)
+        )
         x = x.to(self.dtype)
         for j, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             if layer.index in skip:
                 continue
-            rope = self._rope_local if layer.sliding else self._rope_global
-            x = layer(x, rope, positions, segments, [s.caches[j] for s in states])
+            rope = local_rope if layer.sliding else global_rope
+            x = layer(x, rope, segments, [s.caches[j] for s in states])
         return x
