@@ -281,7 +281,10 @@ class RemoteModel:
             for h in result.route
         ]
         route.history.append(hops)
-        logits = self.head(result.to_tensor().to(self.embed_dtype))[-1]
+        # Off the event loop: a large vocabulary's head (Gemma 3: 262k rows) takes long enough
+        # to starve the heartbeats and acks this client must keep reading.
+        hidden_out = result.to_tensor().to(self.embed_dtype)
+        logits = (await asyncio.to_thread(self.head, hidden_out))[-1]
         return StepResult(logits, hops, list(result.skipped))
 
     @property

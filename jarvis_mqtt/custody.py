@@ -22,6 +22,10 @@ from jarvis_mqtt.membership import MeshView
 
 ACK_TIMEOUT = 5.0  # seconds without an ack from a live-looking node before re-sending
 SILENT_AFTER = 1.5  # seconds without a heartbeat before a node counts as dead for a message
+# When the checks themselves come late (our own process was starved or its event loop blocked),
+# the heartbeats we missed may be waiting unread: judge no one until they had time to arrive.
+STALL_AFTER = 0.5  # seconds between two checks that mean we were not running
+STALL_GRACE = 1.0  # seconds of no verdicts after such a stall (two heartbeat periods)
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Custody:
     ack_timeout: float = ACK_TIMEOUT
     silent_after: float = SILENT_AFTER
     pending: dict[str, Pending] = field(default_factory=dict)  # by message id
+    last_check: float | None = None  # monotonic time of the previous `due()`
+    hold_until: float = 0.0  # after a stall of our own: no verdicts before this time
 
     def track(self, p: Pending) -> None:
         """Hold `p` until its receiver acknowledges it."""
@@ -97,8 +103,16 @@ class Custody:
         "dead": the receiver's will said offline, or no heartbeat for `silent_after`.
         "resend": the receiver looks alive but has not acknowledged within `ack_timeout`
         (the message, or its ack, may have been lost with a broker).
+        Called every tick; after a gap of more than STALL_AFTER between two calls (our process
+        was not running) nothing is due for STALL_GRACE seconds, so heartbeats that arrived
+        meanwhile are read before anyone is judged silent.
         """
         now = time.monotonic() if now is None else now
+        if self.last_check is not None and now - self.last_check > STALL_AFTER:
+            self.hold_until = now + STALL_GRACE
+        self.last_check = now
+        if now < self.hold_until:
+            return []
         live = {s.node_id for s in view.live(now=now)}
         out: list[tuple[Pending, str]] = []
         for mid, p in list(self.pending.items()):

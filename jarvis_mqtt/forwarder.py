@@ -172,9 +172,15 @@ class Forwarder:
             if why == "dead":
                 p.failed.add(p.node)
                 self.failovers += 1
+                heard = self.view.seen.get(p.node)
+                silence = (
+                    "never heard"
+                    if heard is None
+                    else (f"last heard {time.monotonic() - heard:.1f} s ago")
+                )
                 log.warning(
-                    "%s: %s is gone; re-sending session %s step %d elsewhere",
-                    self.me, p.node, p.sid, p.step,
+                    "%s: %s is gone (%s); re-sending session %s step %d elsewhere",
+                    self.me, p.node, silence, p.sid, p.step,
                 )  # fmt: skip
                 await self._dispatch(p, rows, prefer=None)
             else:

@@ -1,0 +1,125 @@
+"""Chain of custody and replay history: when a held message is re-sent, and what is replayed."""
+
+from __future__ import annotations
+
+import torch
+
+from jarvis_mqtt.custody import (
+    ACK_TIMEOUT,
+    SILENT_AFTER,
+    STALL_AFTER,
+    STALL_GRACE,
+    Custody,
+    History,
+    Pending,
+)
+from jarvis_mqtt.membership import MeshView, NodeStatus
+
+TICK = 0.05
+
+
+def status(node: str, online: bool = True) -> NodeStatus:
+    return NodeStatus(node_id=node, model="m", start=0, end=10, online=online)
+
+
+def pending(mid: str, node: str, now: float) -> Pending:
+    return Pending(
+        mid=mid, sid="s", step=0, node=node, layer=0, pos=0, n=1, fields={},
+        deadline=now + ACK_TIMEOUT,
+    )  # fmt: skip
+
+
+def run_ticks(c: Custody, view: MeshView, start: float, end: float, beat: dict[str, float]):  # type: ignore[no-untyped-def]
+    """Call `due()` every TICK from `start` to `end`; nodes in `beat` send a heartbeat every
+    beat[node] seconds. Returns (time, pending, verdict) for everything that came due."""
+    out = []
+    t = start
+    last: dict[str, float] = dict.fromkeys(beat, start)
+    while t <= end:
+        for node, period in beat.items():
+            if t - last[node] >= period:
+                view.update(status(node), now=t)
+                last[node] = t
+        out += [(t, p, why) for p, why in c.due(view, now=t)]
+        t = round(t + TICK, 6)
+    return out
+
+
+def test_acknowledged_message_is_released_and_never_due() -> None:
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    assert c.acknowledged("m1") is not None
+    assert c.acknowledged("m1") is None  # a second ack (from the other broker) is a no-op
+    assert run_ticks(c, view, 0.0, ACK_TIMEOUT + 1, {"a": 0.5}) == []
+
+
+def test_last_will_makes_the_receiver_dead_at_the_next_tick() -> None:
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    assert c.due(view, now=0.05) == []
+    view.update(status("a", online=False), now=0.1)
+    [(p, why)] = c.due(view, now=0.1)
+    assert (p.mid, why) == ("m1", "dead")
+    assert c.pending == {}
+
+
+def test_silent_receiver_is_dead_after_silent_after_while_others_beat() -> None:
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    view.update(status("b"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    due = run_ticks(c, view, 0.0, 5.0, {"b": 0.5})  # a says nothing after t=0
+    [(t, p, why)] = due
+    assert why == "dead" and p.mid == "m1"
+    assert SILENT_AFTER < t <= SILENT_AFTER + 2 * TICK
+
+
+def test_live_receiver_without_ack_is_resent_after_the_ack_timeout() -> None:
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    [(t, _, why)] = run_ticks(c, view, 0.0, ACK_TIMEOUT + 1, {"a": 0.5})
+    assert why == "resend" and ACK_TIMEOUT < t <= ACK_TIMEOUT + 2 * TICK
+
+
+def test_a_stall_of_our_own_judges_no_one_until_heartbeats_could_arrive() -> None:
+    """Our loop was blocked 3 s: every heartbeat looks old, but none of them is late."""
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    assert c.due(view, now=0.05) == []
+    # Woken 3 s later; a's heartbeats of the last 3 s are still unread.
+    assert c.due(view, now=3.05) == []
+    view.update(status("a"), now=3.06)  # ... and are read now
+    assert 3.05 + STALL_GRACE + 0.5 < ACK_TIMEOUT  # long enough to have judged, were it not held
+    assert run_ticks(c, view, 3.1, ACK_TIMEOUT - 0.1, {"a": 0.5}) == []
+    assert "m1" in c.pending
+
+
+def test_after_the_grace_a_really_silent_receiver_is_still_caught() -> None:
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    c.due(view, now=0.05)
+    assert c.due(view, now=0.05 + STALL_AFTER + 0.5) == []  # a stall: hold
+    due = run_ticks(c, view, 0.6 + TICK, 5.0, {})
+    [(t, _, why)] = due
+    assert why == "dead" and t >= 0.55 + STALL_GRACE
+
+
+def test_history_replays_what_was_sent_and_a_resend_overwrites_the_tail() -> None:
+    h = History()
+    h.store("s", 0, torch.arange(4.0).view(4, 1))  # prompt, positions 0..3
+    h.store("s", 4, torch.tensor([[4.0]]))
+    h.store("s", 5, torch.tensor([[5.0]]))
+    assert h.get("s", 0, 6).flatten().tolist() == [0, 1, 2, 3, 4, 5]  # type: ignore[union-attr]
+    h.store("s", 5, torch.tensor([[50.0]]))  # step 5 sent again elsewhere
+    assert h.get("s", 4, 6).flatten().tolist() == [4, 50]  # type: ignore[union-attr]
+    assert h.get("s", 0, 7) is None  # not all held
+    h.store("t", 3, torch.zeros(1, 1))  # never saw its start: nothing to replay from
+    assert h.get("t", 3, 4) is None
+    assert h.nbytes == 6 * 4
+    h.forget("s")
+    assert h.get("s", 0, 1) is None and h.nbytes == 0
