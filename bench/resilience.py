@@ -42,7 +42,12 @@ def _ids(md: ModelDir) -> list[int]:
 
 
 def _served(ev: TokenEvent, layer: int) -> str:
-    return next(str(h["node"]) for h in ev.route if h["start"] <= layer < h["end"])
+    for hop in ev.route:
+        start, end = hop["start"], hop["end"]
+        assert isinstance(start, int) and isinstance(end, int)
+        if start <= layer < end:
+            return str(hop["node"])
+    raise LookupError(f"no hop of the route served layer {layer}")
 
 
 def _run(
@@ -115,8 +120,12 @@ def run(md: ModelDir, models_dir: Path) -> dict[str, Any]:
             m = mesh(spans).start()
             stopped: list[int] = []
             try:
+                fault: Callable[[list[TokenEvent]], None]
                 if fault_kind == "broker":
-                    fault = lambda ev, m=m: m.brokers[0].kill()  # noqa: E731
+
+                    def fault(events: list[TokenEvent], m: LocalMesh = m) -> None:
+                        m.brokers[0].kill()
+
                 else:
                     sig = signal.SIGKILL if fault_kind == "kill" else signal.SIGSTOP
                     fault = node_kill(m, 10, sig, stopped)
