@@ -25,6 +25,8 @@ def _acc(row: dict[str, Any], fmt: str) -> float | None:
 def one_line(text: str, limit: int = SAMPLE_CHARS) -> str:
     """A reply on one table row: newlines shown as ⏎, pipes escaped, long ones cut."""
     flat = text.replace("\n", " ⏎ ").replace("|", "\\|").strip()
+    if not flat:
+        return "*(nothing: the reply ended at once)*" if not text else "*(only blank space)*"
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
@@ -34,13 +36,17 @@ def markdown(sweep: dict[str, Any]) -> str:
     runs = sweep["runs"]
     intact = runs[0]
     formats = [f for f in ("letter", "cloze") if f in s["formats"]]
+    poster = next((r["label"] for r in runs if r["kind"] == "poster"), None)
+    where = f"; the `poster` row skips {{{poster}}}, the same relative depths" if poster else ""
     lines = [
         f"# Layer-skip sweep: {sweep['model']} ({sweep['num_layers']} layers)",
         "",
         f"MMLU, {s['questions']} questions ({s['per_subject']} per subject, {s['subjects']} "
-        f"subjects, seed {s['seed']}), {s['shots']}-shot; chance is {_pct(s['chance'])} %. "
-        "Layers are numbered from 0 (the poster's 1-based {5,6,10,11,17,18} is {4,5,9,10,16,17} "
-        "here). Accuracy in % (Δ: points against intact); KL is the mean KL(intact ‖ skipped) "
+        f"subjects, seed {s['seed']}), {s['shots']}-shot; chance is {_pct(s['chance'])} %, and "
+        f"one question is {100 / max(1, s['questions']):.1f} points. "
+        "Layers are numbered from 0 (the poster's 1-based {5,6,10,11,17,18} of Gemma 2B's 18 "
+        f"layers is {{4,5,9,10,16,17}}{where}). "
+        "Accuracy in % (Δ: points against intact); KL is the mean KL(intact ‖ skipped) "
         "in nats and agreement the share of positions whose top-1 token is the intact model's, "
         "over every position the scorer reads. Written by `jarvis eval sweep` on "
         f"{sweep.get('date')} in {sweep['seconds']['scoring']:.0f} s of scoring.",
@@ -80,6 +86,7 @@ def heatmap(sweep: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import LogNorm, TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
 
     n = sweep["num_layers"]
     runs = sweep["runs"]
@@ -122,11 +129,19 @@ def heatmap(sweep: dict[str, Any], path: Path) -> None:
     for r in runs:
         if r["kind"] in ("poster", "cheapest-3", "cheapest-6", "chosen"):
             ax.axhline(r["kl"], ls=":", color="grey")
-            ax.annotate(f"{r['kind']} {{{r['label']}}}", (0, r["kl"]), fontsize=8, va="bottom")
+            ax.annotate(
+                f"{r['kind']} {{{r['label']}}}",
+                (0.99, r["kl"]),
+                xycoords=("axes fraction", "data"),
+                fontsize=8,
+                ha="right",
+                va="bottom",
+            )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (pairs plotted between their two layers)")
     ax.set_ylabel("KL(intact ‖ skipped), nats")
     ax.set_title("per-layer criticality")
-    ax.legend(loc="upper center")
+    ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     fig.suptitle(
         f"{sweep['model']}: layer skipping on {sweep['settings']['questions']} MMLU questions "
