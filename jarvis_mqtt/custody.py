@@ -22,6 +22,8 @@ from jarvis_mqtt.membership import MeshView
 
 ACK_TIMEOUT = 5.0  # seconds without an ack from a live-looking node before re-sending
 SILENT_AFTER = 1.5  # seconds without a heartbeat before a node counts as dead for a message
+# ... provided another node was heard this long after its last heartbeat (two periods).
+OTHERS_AFTER = 1.0
 # When the checks themselves come late (our own process was starved or its event loop blocked),
 # the heartbeats we missed may be waiting unread: judge no one until they had time to arrive.
 STALL_AFTER = 0.5  # seconds between two checks that mean we were not running
@@ -100,7 +102,9 @@ class Custody:
     def due(self, view: MeshView, now: float | None = None) -> list[tuple[Pending, str]]:
         """Messages to act on now, released from custody: ("dead", p) or ("resend", p).
 
-        "dead": the receiver's will said offline, or no heartbeat for `silent_after`.
+        "dead": the receiver's will said offline, or no heartbeat from it for `silent_after`
+        while other nodes' heartbeats kept arriving: silence is judged against the rest of
+        the mesh, so a client that hears no one (reconnecting, starved) blames no one.
         "resend": the receiver looks alive but has not acknowledged within `ack_timeout`
         (the message, or its ack, may have been lost with a broker).
         Called every tick; after a gap of more than STALL_AFTER between two calls (our process
@@ -113,12 +117,14 @@ class Custody:
         self.last_check = now
         if now < self.hold_until:
             return []
-        live = {s.node_id for s in view.live(now=now)}
+        latest = max(view.seen.values(), default=now)  # the last status heard from anyone
         out: list[tuple[Pending, str]] = []
         for mid, p in list(self.pending.items()):
-            heard = view.seen.get(p.node)
-            if p.node not in live or heard is None or now - heard > self.silent_after:
-                out.append((p, "dead"))
+            status, heard = view.nodes.get(p.node), view.seen.get(p.node)
+            if status is None or heard is None or not status.online:
+                out.append((p, "dead"))  # its will said offline, or it cleared its status
+            elif now - heard > self.silent_after and latest - heard > OTHERS_AFTER:
+                out.append((p, "dead"))  # the mesh kept beating, this node fell silent
             elif now > p.deadline:
                 out.append((p, "resend"))
             else:

@@ -34,6 +34,7 @@ from jarvis_mqtt.transport import LastWill, MeshClient, MeshMessage
 from node_agent.config import NodeConfig
 
 log = logging.getLogger("jarvis.node")
+HEARTBEAT_LATE = 0.5  # seconds: a heartbeat this late means the event loop was blocked
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
 
 
@@ -216,14 +217,21 @@ class NodeAgent:
             log.warning("%s: left with messages not yet acknowledged", self.cfg.node_id)
 
     async def _heartbeat(self, mesh: MeshClient, topic: str) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + self.cfg.heartbeat
             await asyncio.sleep(self.cfg.heartbeat)
+            if (late := loop.time() - due) > HEARTBEAT_LATE:
+                log.warning("%s: heartbeat %.1f s late: event loop blocked", self.cfg.node_id, late)
             if self._draining:
                 return
+            t0 = loop.time()
             try:
                 await mesh.publish(topic, T.pack_status(self.status()), retain=True)
             except JarvisError as e:  # every broker down: keep trying, the links reconnect
                 log.warning("%s: heartbeat not sent: %s", self.cfg.node_id, e)
+            if loop.time() - t0 > HEARTBEAT_LATE:
+                log.warning("%s: heartbeat publish took %.1f s", self.cfg.node_id, loop.time() - t0)
 
     async def _custody(self) -> None:
         while True:

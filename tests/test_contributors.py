@@ -170,13 +170,12 @@ def test_two_models_on_one_mesh_one_device_hosting_both(
         a = RemoteModel(smollm2_dir, c.brokers, topic_root=c.root)
         b = RemoteModel(gemma3_dir, c.brokers, topic_root=c.root)
         params = SamplingParams(max_new_tokens=8)
+        ids_a = chat_ids(smollm2_dir, PROMPT)
+        ids_b = chat_ids(gemma3_dir, "Paris is the capital of")
         async with a, b:
             await a.wait_ready(60)
             await b.wait_ready(60)
-            ra, rb = await asyncio.gather(
-                _collect(a, chat_ids(smollm2_dir, PROMPT), params),
-                _collect(b, chat_ids(gemma3_dir, "Paris is the capital of"), params),
-            )
+            ra, rb = await asyncio.gather(_collect(a, ids_a, params), _collect(b, ids_b, params))
         return ra, rb
 
     (got_a, route_a), (got_b, route_b) = asyncio.run(scenario())

@@ -104,7 +104,7 @@ def test_after_the_grace_a_really_silent_receiver_is_still_caught() -> None:
     c.track(pending("m1", "a", 0.0))
     c.due(view, now=0.05)
     assert c.due(view, now=0.05 + STALL_AFTER + 0.5) == []  # a stall: hold
-    due = run_ticks(c, view, 0.6 + TICK, 5.0, {})
+    due = run_ticks(c, view, 0.6 + TICK, 5.0, {"b": 0.5})
     [(t, _, why)] = due
     assert why == "dead" and t >= 0.55 + STALL_GRACE
 
@@ -123,3 +123,21 @@ def test_history_replays_what_was_sent_and_a_resend_overwrites_the_tail() -> Non
     assert h.nbytes == 6 * 4
     h.forget("s")
     assert h.get("s", 0, 1) is None and h.nbytes == 0
+
+
+def test_hearing_no_one_blames_no_one_and_the_ack_timeout_resends() -> None:
+    """Cut off from every broker (or reconnecting): all heartbeats stop at once."""
+    view, c = MeshView(), Custody()
+    for node in ("a", "b"):
+        view.update(status(node), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    [(t, _, why)] = run_ticks(c, view, 0.0, ACK_TIMEOUT + 1, {})
+    assert why == "resend" and t > ACK_TIMEOUT
+
+
+def test_a_cleared_status_is_dead_at_once() -> None:
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    view.forget("a")  # a clean exit clears the retained status
+    assert [why for _, why in c.due(view, now=0.05)] == ["dead"]
