@@ -7,7 +7,7 @@
 Layers are numbered from 0. The pieces: `eval_data` (MMLU and its prompts), `eval_engine`
 (the model as single-layer spans, skip sets, log-probabilities), `eval_scores` (accuracy,
 perplexity, KL, agreement), `eval_sweep` (the sweep, the criticality profile), `eval_report`
-(table and heatmap). Runs before `cli.py` registers the command: `python -m jarvis_mqtt.evaluate`.
+(table and heatmap).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jarvis_mqtt.errors import CheckpointError, ConfigError, JarvisError
+from jarvis_mqtt.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # torch comes with these: keep `jarvis --help` quick
     from jarvis_mqtt.checkpoint import ModelDir
@@ -316,24 +316,3 @@ def add_commands(esub: Any) -> None:
     s.add_argument("--out-dir", help="where the table and heatmap go (docs/eval/MODEL)")
     s.add_argument("--no-criticality", action="store_true", help="leave criticality.json be")
     s.set_defaults(func=cmd_sweep)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m jarvis_mqtt.evaluate mmlu ...`: the `jarvis eval` commands on their own."""
-    parser = argparse.ArgumentParser(
-        prog="python -m jarvis_mqtt.evaluate", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--models-dir", help="where models live (default $JARVIS_MODELS)")
-    add_commands(parser.add_subparsers(dest="eval_cmd", required=True))
-    a = parser.parse_args(argv)
-    try:
-        return int(a.func(a) or 0)
-    except JarvisError as e:
-        print(f"jarvis: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
