@@ -11,8 +11,9 @@ acknowledgement asking for a replay, and the sender replays the session's histor
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,21 +49,38 @@ class Pending:
 
 @dataclass
 class History:
-    """Per session, the hidden states this sender sent downstream, position by position."""
+    """Per session, the hidden states this sender sent downstream, position by position.
+
+    It also keeps where each step began, so that a replay can be run in the same steps as the
+    original (a prompt, then one token at a time): the same shapes give bit-identical caches,
+    where one long replay would round differently and could change a near-tied token.
+    """
 
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # sid -> (positions, hidden)
+    starts: dict[str, list[int]] = field(default_factory=dict)  # sid -> first position of steps
 
-    def store(self, sid: str, pos: int, hidden: torch.Tensor) -> None:
-        """Record `hidden` as positions `[pos, pos + len)`; a re-send overwrites what follows."""
+    def store(
+        self, sid: str, pos: int, hidden: torch.Tensor, steps: Sequence[int] | None = None
+    ) -> None:
+        """Record `hidden` as positions `[pos, pos + len)`; a re-send overwrites what follows.
+
+        `steps`: the lengths of the original steps `hidden` is made of (default: one step).
+        """
+        lengths = list(steps) if steps else [hidden.shape[0]]
+        if sum(lengths) != hidden.shape[0]:
+            lengths = [hidden.shape[0]]
         old = self.rows.get(sid)
         if old is None or pos == 0:
             if pos != 0:
                 return  # a gap: we never saw the start, so we could not replay it anyway
             self.rows[sid] = hidden.detach().clone()
+            self.starts[sid] = _starts(0, lengths)
             return
         if pos > old.shape[0]:
             return
         self.rows[sid] = torch.cat([old[:pos], hidden.detach()])
+        kept = [s for s in self.starts.get(sid, [0]) if s < pos]
+        self.starts[sid] = kept + _starts(pos, lengths)
 
     def get(self, sid: str, start: int, end: int) -> torch.Tensor | None:
         """Positions `[start, end)` of a session, or None if they are not all held."""
@@ -71,14 +89,24 @@ class History:
             return None
         return rows[start:end]
 
+    def steps(self, sid: str, start: int, end: int) -> list[int]:
+        """Lengths of the original steps covering `[start, end)`, cut at `start` and `end`."""
+        cuts = sorted({start, end, *(s for s in self.starts.get(sid, []) if start < s < end)})
+        return [b - a for a, b in itertools.pairwise(cuts)]
+
     def forget(self, sid: str) -> None:
         """Drop a session."""
         self.rows.pop(sid, None)
+        self.starts.pop(sid, None)
 
     @property
     def nbytes(self) -> int:
         """Memory held."""
         return sum(t.numel() * t.element_size() for t in self.rows.values())
+
+
+def _starts(pos: int, lengths: Sequence[int]) -> list[int]:
+    return [pos + sum(lengths[:i]) for i in range(len(lengths))]
 
 
 @dataclass

@@ -80,14 +80,15 @@ class Forwarder:
         meta: Mapping[str, Any] | None = None,
         history_rows: torch.Tensor | None = None,
         history_pos: int | None = None,
+        history_steps: Sequence[int] | None = None,
     ) -> str | None:
         """Send `hidden` (positions from `pos`) to whoever runs `layer` next; None = the client.
 
         The history records `history_rows` from `history_pos` when given (a replayed span
-        computed more rows than it forwards), else `hidden` itself.
+        computed more rows than it forwards, in `history_steps`), else `hidden` itself.
         """
         rows = hidden if history_rows is None else history_rows
-        self.history.store(sid, pos if history_pos is None else history_pos, rows)
+        self.history.store(sid, pos if history_pos is None else history_pos, rows, history_steps)
         fields = {"cid": cid, "model": self.model, "route": tuple(route), "meta": dict(meta or {})}
         fields["skipped"] = tuple(skipped)
         p = Pending(
@@ -128,7 +129,8 @@ class Forwarder:
                 )  # fmt: skip
                 return None
             hidden, pos = rows, replay_from
-            meta.update(replay=True, emit_from=p.pos)
+            steps = self.history.steps(p.sid, replay_from, p.pos + p.n)
+            meta.update(replay=True, emit_from=p.pos, steps=steps)
         common: dict[str, Any] = dict(
             sid=T.SessionId(p.sid), cid=T.ClientId(p.fields["cid"]), model=self.model,
             step=p.step, route=p.fields["route"], skipped=skipped, meta=meta,

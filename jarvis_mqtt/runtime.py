@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -105,8 +105,15 @@ class SessionState:
     """One session's KV caches for the layers of a span."""
 
     caches: list[LayerCache]
-    length: int = 0  # positions filled
+    length: int = 0  # positions filled in the layers that ran last
     last_used: float = 0.0  # time.monotonic() seconds
+    # Positions filled per layer. A message entering mid-span runs only the layers from its
+    # entry on; the layers before it hold nothing for those positions until a replay fills them.
+    filled: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.filled:
+            self.filled = [self.length] * len(self.caches)
 
     @property
     def capacity(self) -> int:
@@ -207,8 +214,11 @@ class LayerSpan(nn.Module):
         per_layer = 2 * a.num_kv_heads * capacity * a.head_dim * self.dtype.itemsize
         return per_layer * (self.end - self.start)
 
-    def _reserve(self, segments: Sequence[Segment]) -> list[SessionState]:
-        """Validate positions and grow caches before any compute, so a failure changes nothing."""
+    def _reserve(self, segments: Sequence[Segment], run: Sequence[int]) -> list[SessionState]:
+        """Validate positions and grow caches before any compute, so a failure changes nothing.
+
+        `run`: the indices (in this span) of the layers that will run.
+        """
         plans: list[tuple[Segment, SessionState | None, int]] = []
         extra = 0
         for seg in segments:
@@ -226,12 +236,13 @@ class LayerSpan(nn.Module):
                     session=seg.session,
                     have=0,
                 )
-            if state is not None and seg.start > state.length:
+            cached = min(state.filled[j] for j in run) if state and run else seg.start
+            if seg.start > cached:
                 raise CacheMissError(
                     f"session {seg.session}: position {seg.start} skips ahead of the "
-                    f"{state.length} cached",
+                    f"{cached} cached in layers {self.start + run[0]}-{self.start + run[-1]}",
                     session=seg.session,
-                    have=state.length,
+                    have=cached,
                 )
             have = state.capacity if state else 0
             new_cap = have
@@ -264,6 +275,8 @@ class LayerSpan(nn.Module):
                 for cache in state.caches:
                     cache.grow(new_cap)
             state.length = seg.start + seg.length
+            for j in run:
+                state.filled[j] = state.length
             state.last_used = now
             states.append(state)
         return states
@@ -284,8 +297,9 @@ class LayerSpan(nn.Module):
             )
         if len({s.session for s in segments}) != len(segments):
             raise SessionError("a session appears twice in one batch")
-        states = self._reserve(segments)
         skip = set(skip)
+        run = [j for j, layer in enumerate(self.layers) if self.start + j not in skip]
+        states = self._reserve(segments, run)
         positions = positions_of(segments)
         # RoPE angles looked up once for all layers (Gemma 3's sliding layers have their own).
         global_rope = self._rope_global.at(positions)

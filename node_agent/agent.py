@@ -372,6 +372,8 @@ class NodeAgent:
         if not self._inbox:
             return []
         first = self._inbox[0]
+        if _replay_steps(first.msg) is not None:  # a replay runs alone, step by step
+            return [self._inbox.popleft()]
         batch: list[Work] = []
         rest: collections.deque[Work] = collections.deque()
         sessions: set[str] = set()
@@ -379,7 +381,8 @@ class NodeAgent:
         while self._inbox:
             w = self._inbox.popleft()
             fits = tokens + w.msg.n_tokens <= self.cfg.max_batch_tokens or not batch
-            if w.msg.layer == first.msg.layer and w.msg.sid not in sessions and fits:
+            alone = _replay_steps(w.msg) is not None
+            if w.msg.layer == first.msg.layer and w.msg.sid not in sessions and fits and not alone:
                 batch.append(w)
                 sessions.add(w.msg.sid)
                 tokens += w.msg.n_tokens
@@ -394,8 +397,17 @@ class NodeAgent:
         assert span is not None
         skip = range(self.cfg.start, batch[0].msg.layer)  # entered mid-span
         segments = [Segment(w.msg.sid, w.msg.pos, w.msg.n_tokens) for w in batch]
+        steps = _replay_steps(batch[0].msg) if len(batch) == 1 else None
         try:
-            out = span(torch.cat([w.hidden for w in batch]), segments, skip=skip)
+            if steps is not None:  # the original steps again: the same shapes, the same cache
+                w, parts, at = batch[0], [], 0
+                for n in steps:
+                    seg = Segment(w.msg.sid, w.msg.pos + at, n)
+                    parts.append(span(w.hidden[at : at + n], [seg], skip=skip))
+                    at += n
+                out = torch.cat(parts)
+            else:
+                out = span(torch.cat([w.hidden for w in batch]), segments, skip=skip)
             outcomes, row = [], 0
             for w in batch:
                 outcomes.append(Outcome(w, out[row : row + w.msg.n_tokens]))
@@ -484,6 +496,19 @@ class NodeAgent:
             await self._forwarder.send(
                 hidden, layer=cfg.end, pos=pos, step=msg.step, sid=msg.sid, cid=msg.cid,
                 route=route, skipped=msg.skipped, meta=meta,
-                history_rows=o.hidden, history_pos=msg.pos,
+                history_rows=o.hidden, history_pos=msg.pos, history_steps=_replay_steps(msg),
             )  # fmt: skip
         await send_ack(mesh, self.topics, upstream, T.Ack(msg.mid, T.NodeId(cfg.node_id)))
+
+
+def _replay_steps(msg: wire.ActivationMessage) -> list[int] | None:
+    """The original step lengths of a replay message, when it carries valid ones."""
+    steps = msg.meta.get("steps") if msg.meta.get("replay") else None
+    if (
+        isinstance(steps, list)
+        and steps
+        and all(isinstance(n, int) and n > 0 for n in steps)
+        and sum(steps) == msg.n_tokens
+    ):
+        return steps
+    return None

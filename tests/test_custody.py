@@ -141,3 +141,19 @@ def test_a_cleared_status_is_dead_at_once() -> None:
     c.track(pending("m1", "a", 0.0))
     view.forget("a")  # a clean exit clears the retained status
     assert [why for _, why in c.due(view, now=0.05)] == ["dead"]
+
+
+def test_history_keeps_the_original_steps_for_a_replay() -> None:
+    h = History()
+    h.store("s", 0, torch.zeros(4, 1))  # the prompt
+    for pos in (4, 5, 6):
+        h.store("s", pos, torch.zeros(1, 1))  # then one token at a time
+    assert h.steps("s", 0, 7) == [4, 1, 1, 1]
+    assert h.steps("s", 2, 6) == [2, 1, 1]  # cut where the replay starts and ends
+    h.store("s", 5, torch.zeros(2, 1))  # re-sent from 5: what followed is replaced
+    assert h.steps("s", 0, 7) == [4, 1, 2]
+    # A node that rebuilt its cache from a replay stores its output with the replay's steps.
+    h.store("r", 0, torch.zeros(6, 1), steps=[4, 1, 1])
+    assert h.steps("r", 0, 6) == [4, 1, 1]
+    h.store("q", 0, torch.zeros(3, 1), steps=[1, 1])  # steps that do not add up: one step
+    assert h.steps("q", 0, 3) == [3]

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from jarvis_mqtt.errors import SessionError
+from jarvis_mqtt.errors import CacheMissError, SessionError
 from jarvis_mqtt.importers import import_hf_dir
 from jarvis_mqtt.model import Segment
 from jarvis_mqtt.runtime import LayerSpan, load_client_stages
@@ -179,6 +179,25 @@ def test_session_errors_and_budget(tiny) -> None:  # type: ignore[no-untyped-def
     live = set(span.sessions)
     assert live and set(span.expire(now=1e18)) == live
     assert span.sessions == {}
+
+
+def test_layers_skipped_by_a_mid_span_entry_ask_for_a_replay(tiny) -> None:  # type: ignore[no-untyped-def]
+    """Entering at layer 1 leaves layer 0 without those positions: a later message entering at
+    layer 0 is a cache miss from 0, and the replay (in the original steps) fills it exactly."""
+    _, md = tiny
+    n = md.num_layers
+    embed, _ = load_client_stages(md)
+    h = embed(torch.tensor([3, 4, 5, 6, 7]))
+    span = LayerSpan.load(md, 0, n)
+    span(h[:4], [Segment("s", 0, 4)], skip=[0])  # its upstream hosted layer 0 itself
+    with pytest.raises(CacheMissError) as e:
+        span(h[4:], [Segment("s", 4, 1)])  # now it must run layer 0 too: nothing cached there
+    assert e.value.have == 0
+    span(h[:4], [Segment("s", 0, 4)])  # the replay, in the original steps
+    got = span(h[4:], [Segment("s", 4, 1)])
+    fresh = LayerSpan.load(md, 0, n)
+    fresh(h[:4], [Segment("t", 0, 4)])
+    assert torch.equal(got, fresh(h[4:], [Segment("t", 4, 1)]))
 
 
 def test_bfloat16_runs_close_to_float32(tiny) -> None:  # type: ignore[no-untyped-def]
