@@ -227,6 +227,18 @@ def matmul_t(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, *(f.result() for f in futures)], dim=-1)
 
 
+def transposed(*weights: torch.Tensor) -> torch.Tensor:
+    """`cat(weights).t()` as one contiguous `(in, out)` tensor, written in place: no temporary
+    copy, whose freed pages the allocator would keep and the process would carry."""
+    rows = sum(w.shape[0] for w in weights)
+    out = torch.empty(weights[0].shape[1], rows, dtype=weights[0].dtype)
+    col = 0
+    for w in weights:
+        out[:, col : col + w.shape[0]].copy_(w.t())
+        col += w.shape[0]
+    return out
+
+
 def _release(*linears: nn.Linear) -> None:
     """Drop the loaded weights of projections that `fuse()` has copied (they are not used)."""
     for proj in linears:
@@ -381,11 +393,10 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """Replace the loaded projections by transposed, fused copies (fewer, faster GEMVs)."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.qkv_t = w.t().contiguous()
+        self.qkv_t = transposed(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         if self.args.attention_bias:
             self.qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        self.o_t = self.o_proj.weight.t().contiguous()
+        self.o_t = transposed(self.o_proj.weight)
         _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
     def forward(
@@ -508,8 +519,8 @@ class MLP(nn.Module):
 
     def fuse(self) -> None:
         """Replace the loaded projections by transposed copies, gate and up fused."""
-        self.gate_up_t = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t().contiguous()
-        self.down_t = self.down_proj.weight.t().contiguous()
+        self.gate_up_t = transposed(self.gate_proj.weight, self.up_proj.weight)
+        self.down_t = transposed(self.down_proj.weight)
         _release(self.gate_proj, self.up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
