@@ -35,6 +35,8 @@ from node_agent.config import NodeConfig
 
 log = logging.getLogger("jarvis.node")
 HEARTBEAT_LATE = 0.5  # seconds: a heartbeat this late means the event loop was blocked
+ACTIVE_FOR = 1.0  # seconds: a session that sent nothing for this long is not waited for
+WAVE_POLL = 0.0005  # seconds between looks at the inbox while a wave gathers
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
 
 
@@ -84,6 +86,7 @@ class NodeAgent:
         self._forwarder: Forwarder | None = None  # set once the mesh is up
         self._draining = False  # leaving: accept nothing new
         self._busy = False  # a batch is being computed or sent on
+        self._recent: dict[str, float] = {}  # session -> when its last message arrived
         self._span: LayerSpan | None = None
         self._mesh: MeshClient | None = None
         self._num_layers = 0
@@ -289,6 +292,7 @@ class NodeAgent:
         span = self._span
         assert span is not None
         for sid in sids:
+            self._recent.pop(sid, None)
             if self._forwarder is not None:
                 self._forwarder.forget(sid)
         loop = asyncio.get_running_loop()
@@ -320,6 +324,7 @@ class NodeAgent:
             return  # not acknowledged: the sender re-sends it to a node that stays
         hidden = msg.to_tensor().reshape(msg.n_tokens, self._hidden).to(span.dtype)
         self._inbox.append(Work(msg, hidden, time.time()))
+        self._recent[msg.sid] = time.monotonic()
         self._has_work.set()
 
     def _invalid(self, msg: wire.ActivationMessage, parsed: T.LayerTopic) -> str | None:
@@ -442,6 +447,7 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         while True:
             await self._has_work.wait()
+            await self._gather_wave()
             batch = self._take_batch()
             if not self._inbox:
                 self._has_work.clear()
@@ -450,10 +456,27 @@ class NodeAgent:
             self._busy = True
             try:
                 outcomes = await loop.run_in_executor(self._worker, self._forward, batch)
-                for o in outcomes:
-                    await self._send_on(mesh, o)
+                await asyncio.gather(*(self._send_on(mesh, o) for o in outcomes))
             finally:
                 self._busy = False
+
+    async def _gather_wave(self) -> None:
+        """With several sessions active, wait (at most `batch_wait`) until each has a step
+        waiting: decode is bound by reading the weights, so k sessions in one forward cost
+        little more than one, and once together they stay together down the pipeline."""
+        if self.cfg.batch_wait <= 0:
+            return
+        now = time.monotonic()
+        for sid in [s for s, t in self._recent.items() if now - t > ACTIVE_FOR]:
+            del self._recent[sid]
+        active = len(self._recent)
+        deadline = now + self.cfg.batch_wait
+        while active > 1 and time.monotonic() < deadline:
+            if len({w.msg.sid for w in self._inbox}) >= active:
+                return
+            if any(_replay_steps(w.msg) is not None for w in self._inbox):
+                return  # a replay runs alone anyway
+            await asyncio.sleep(WAVE_POLL)
 
     async def _send_on(self, mesh: MeshClient, o: Outcome) -> None:
         msg = o.work.msg

@@ -35,6 +35,10 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds idle")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=4.0,
+        help="with several sessions active, wait this long for them to share a forward step",
+    )  # fmt: skip
     p.add_argument("--max-payload-mb", type=int, default=64)
     p.add_argument("--heartbeat", type=float, default=0.5, help="seconds")
     p.add_argument("--keepalive", type=int, default=5, help="MQTT keepalive seconds")
@@ -69,6 +73,7 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
         max_seq_len=a.max_seq_len,
         session_ttl=a.session_ttl,
         max_batch_tokens=a.max_batch_tokens,
+        batch_wait=a.batch_wait_ms / 1e3,
         max_payload_bytes=a.max_payload_mb << 20,
         heartbeat=a.heartbeat,
         keepalive=a.keepalive,
