@@ -54,7 +54,10 @@ def _run(
     md: ModelDir, mesh: LocalMesh, fault: Callable[[list[TokenEvent]], None]
 ) -> list[TokenEvent]:
     async def go() -> list[TokenEvent]:
-        remote = RemoteModel(md, mesh.addresses, topic_root=mesh.topic_root)
+        # First and last only, whatever a sweep found: this measures skipping a middle node.
+        remote = RemoteModel(
+            md, mesh.addresses, topic_root=mesh.topic_root, never_skip=[0, md.num_layers - 1]
+        )
         remote.tokenizer.eos_token_ids = frozenset()
         events: list[TokenEvent] = []
         async with remote:

@@ -89,6 +89,17 @@ class SessionRoute:
     history: list[list[dict[str, Any]]] = field(default_factory=list)
 
 
+def default_never_skip(model_dir: ModelDir) -> list[int]:
+    """The never-skip layers of the model directory's `criticality.json` (`jarvis eval
+    sweep`), else the first and the last layer, which the JARVIS poster found critical."""
+    from jarvis_mqtt.evaluate import load_criticality
+
+    profile = load_criticality(model_dir)
+    if profile is not None and profile.get("never_skip") is not None:
+        return [int(i) for i in profile["never_skip"]]
+    return [0, model_dir.num_layers - 1]
+
+
 class RemoteModel:
     """A model whose layers run on the mesh; an async context manager."""
 
@@ -101,7 +112,7 @@ class RemoteModel:
         client_id: str | None = None,
         step_timeout: float = 60.0,  # seconds for one trip through all layers
         allow_skip: bool = True,  # route around layers nobody hosts (JARVIS layer skipping)
-        never_skip: Sequence[int] | None = None,  # None: the first and the last layer
+        never_skip: Sequence[int] | None = None,  # None: criticality.json, else first and last
         dtype: torch.dtype | None = None,
     ) -> None:
         self.model_dir = model_dir
@@ -114,9 +125,9 @@ class RemoteModel:
         self.client_id = T.ClientId(client_id or username or T.new_client_id("chat"))
         self.step_timeout = step_timeout
         self.allow_skip = allow_skip
-        self.never_skip = (
-            [0, self.num_layers - 1] if never_skip is None else sorted(set(never_skip))
-        )
+        if never_skip is None:
+            never_skip = default_never_skip(model_dir)
+        self.never_skip = sorted(set(never_skip))
         self.tokenizer = model_dir.tokenizer()
         self.embed, self.head = load_client_stages(model_dir, dtype)
         self.view = MeshView()

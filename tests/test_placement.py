@@ -602,3 +602,12 @@ def test_mesh_state_folds_contributors_and_assignments() -> None:
     assert state.fold(msg(topics.assign("a"), b"")) and state.current == {}
     assert not state.fold(msg(topics.assign("a"), b"\xc1"))  # bad payload: skipped
     assert not state.fold(msg("t/m/m/free", b""))  # not a status or an assignment
+
+
+def test_clients_take_never_skip_layers_from_the_sweep(tmp_path: Path) -> None:
+    from jarvis_mqtt.client import default_never_skip
+
+    md = ModelDir.open(fake_model_dir(tmp_path / "tiny", [100, 200, 300, 400]))
+    assert default_never_skip(md) == [0, 3]  # no sweep yet: first and last, as the poster
+    (md.path / "criticality.json").write_text(json.dumps({"never_skip": [1, 2], "layers": {}}))
+    assert default_never_skip(md) == [1, 2]

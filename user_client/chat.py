@@ -165,7 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-skip", action="store_true", help="fail instead of skipping layers of a dead node"
     )
     p.add_argument(
-        "--never-skip", default=None, help="layers that may never be skipped (default: first,last)"
+        "--never-skip",
+        default=None,
+        help="layers never skipped (default: the model's criticality.json, else first,last)",
     )
     add_sampling_flags(p)
     add_auth_flags(p)
