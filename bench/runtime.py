@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from bench.procs import baseline_rss, machine, mib
 from bench.report import Figure, Section, Stats
 from jarvis_mqtt.checkpoint import ModelDir
-from jarvis_mqtt.model import DecoderLayer, Segment, matmul_t
+from jarvis_mqtt.matmul import matmul_t
+from jarvis_mqtt.model import DecoderLayer, Segment
 from jarvis_mqtt.runtime import EmbedStage, HeadStage, LayerSpan, load_client_stages
 
 PROMPT_TOKENS = 64  # prompt before the timed decode

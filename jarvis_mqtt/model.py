@@ -16,17 +16,19 @@ session's cache. Prefill and decode are the same call (a decode segment has leng
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from jarvis_mqtt.errors import ConfigError
+from jarvis_mqtt.matmul import matmul_t, transposed
+
+if TYPE_CHECKING:
+    from jarvis_mqtt.rope import RopeAngles
 
 FAMILIES = ("llama", "qwen2", "gemma", "gemma3")
 GEMMA_FAMILIES = ("gemma", "gemma3")
@@ -197,48 +199,6 @@ class ModelArgs:
 
 
 # Decode multiplies one row by each weight matrix (a GEMV) and is bound by memory bandwidth.
-# Measured here (x86-64, torch 2.13 CPU): `x @ W_t` with the weight stored (in, out) streams
-# 1.4-1.7x faster than `F.linear(x, W)` on the (out, in) layout, and torch runs a GEMV on one
-# thread only, so wide matrices are split by columns over a small pool of threads.
-_SPLIT_MIN_COLS = 2048  # narrower matrices are not worth a thread hand-off
-_SPLIT_MAX_ROWS = 4  # more rows make it a GEMM, which torch already parallelises
-_pools: dict[int, ThreadPoolExecutor] = {}  # helper threads -> pool, follows set_num_threads
-
-
-def _gemv_pool() -> tuple[ThreadPoolExecutor, int] | None:
-    helpers = torch.get_num_threads() - 1
-    if helpers < 1:
-        return None
-    if helpers not in _pools:
-        _pools[helpers] = ThreadPoolExecutor(helpers, thread_name_prefix="gemv")
-    return _pools[helpers], helpers
-
-
-def matmul_t(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """`x @ w_t` for a weight stored transposed, `(in, out)`; wide GEMVs split over threads."""
-    cols = w_t.shape[1]
-    found = _gemv_pool() if x.shape[0] <= _SPLIT_MAX_ROWS and cols >= _SPLIT_MIN_COLS else None
-    if found is None:
-        return x @ w_t
-    pool, helpers = found
-    step = -(-cols // (helpers + 1))
-    futures = [pool.submit(torch.matmul, x, w_t[:, i : i + step]) for i in range(step, cols, step)]
-    first = x @ w_t[:, :step]
-    return torch.cat([first, *(f.result() for f in futures)], dim=-1)
-
-
-def transposed(*weights: torch.Tensor) -> torch.Tensor:
-    """`cat(weights).t()` as one contiguous `(in, out)` tensor, written in place: no temporary
-    copy, whose freed pages the allocator would keep and the process would carry."""
-    rows = sum(w.shape[0] for w in weights)
-    out = torch.empty(weights[0].shape[1], rows, dtype=weights[0].dtype)
-    col = 0
-    for w in weights:
-        out[:, col : col + w.shape[0]].copy_(w.t())
-        col += w.shape[0]
-    return out
-
-
 def _release(*linears: nn.Linear) -> None:
     """Drop the loaded weights of projections that `fuse()` has copied (they are not used)."""
     for proj in linears:
@@ -268,71 +228,6 @@ class RMSNorm(nn.Module):
             return (xf * (self.offset + self.weight.float())).type_as(x)
         # Llama casts back before scaling; keep that order so bf16 matches bit for bit.
         return self.weight * xf.type_as(x)
-
-
-def _inv_freq(args: ModelArgs, theta: float, scaling: Mapping[str, Any] | None) -> torch.Tensor:
-    dim = args.head_dim
-    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if not scaling:
-        return inv
-    if scaling["rope_type"] == "linear":
-        return inv / float(scaling["factor"])
-    # Llama 3.1 frequency-dependent scaling.
-    factor = float(scaling["factor"])
-    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
-    old_ctx = float(scaling["original_max_position_embeddings"])
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
-    smooth = (old_ctx / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-@dataclass
-class RopeTable:
-    """Precomputed cos/sin per position, `(max_len, head_dim)` each, rotate-half layout."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-
-    @classmethod
-    def build(
-        cls, args: ModelArgs, theta: float, max_len: int, dtype: torch.dtype, *, scaled: bool
-    ) -> RopeTable:
-        """Tables for positions `[0, max_len)`; `scaled` applies the config's RoPE scaling."""
-        scaling = dict(args.rope_scaling) if args.rope_scaling and scaled else None
-        inv = _inv_freq(args, theta, scaling)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return cls(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
-
-    def at(self, positions: torch.Tensor) -> RopeAngles:
-        """The angles of `positions` (N,), looked up once per forward for every layer."""
-        cos = self.cos[positions].unsqueeze(1)  # (N, 1, head_dim)
-        sin = self.sin[positions].unsqueeze(1)
-        half = sin.shape[-1] // 2
-        # The sign of rotate-half folded into sin: x * cos + roll(x) * signed_sin.
-        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return RopeAngles(cos, signed, half)
-
-
-@dataclass(frozen=True)
-class RopeAngles:
-    """cos and signed sin at the positions of one packed batch, `(N, 1, head_dim)` each."""
-
-    cos: torch.Tensor
-    signed_sin: torch.Tensor
-    half: int
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` of shape (N, heads, head_dim), rotate-half layout (as Hugging Face).
-
-        `roll` by half a head gives (x2, x1); with sin's first half negated this is exactly
-        `x * cos + cat(-x2, x1) * sin`, in four ops instead of seven.
-        """
-        return x * self.cos + x.roll(self.half, dims=-1) * self.signed_sin
 
 
 @dataclass(frozen=True)

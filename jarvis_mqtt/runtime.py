@@ -20,11 +20,11 @@ from jarvis_mqtt.model import (
     LayerCache,
     ModelArgs,
     RMSNorm,
-    RopeTable,
     Segment,
     matmul_t,
     positions_of,
 )
+from jarvis_mqtt.rope import RopeTable
 
 if TYPE_CHECKING:
     from jarvis_mqtt.checkpoint import ModelDir

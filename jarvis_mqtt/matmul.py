@@ -1,0 +1,48 @@
+"""Matrix products of decode: weights stored transposed, wide GEMVs split over threads."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+# Measured here (x86-64, torch 2.13 CPU): `x @ W_t` with the weight stored (in, out) streams
+# 1.4-1.7x faster than `F.linear(x, W)` on the (out, in) layout, and torch runs a GEMV on one
+# thread only, so wide matrices are split by columns over a small pool of threads.
+_SPLIT_MIN_COLS = 2048  # narrower matrices are not worth a thread hand-off
+_SPLIT_MAX_ROWS = 4  # more rows make it a GEMM, which torch already parallelises
+_pools: dict[int, ThreadPoolExecutor] = {}  # helper threads -> pool, follows set_num_threads
+
+
+def _gemv_pool() -> tuple[ThreadPoolExecutor, int] | None:
+    helpers = torch.get_num_threads() - 1
+    if helpers < 1:
+        return None
+    if helpers not in _pools:
+        _pools[helpers] = ThreadPoolExecutor(helpers, thread_name_prefix="gemv")
+    return _pools[helpers], helpers
+
+
+def matmul_t(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """`x @ w_t` for a weight stored transposed, `(in, out)`; wide GEMVs split over threads."""
+    cols = w_t.shape[1]
+    found = _gemv_pool() if x.shape[0] <= _SPLIT_MAX_ROWS and cols >= _SPLIT_MIN_COLS else None
+    if found is None:
+        return x @ w_t
+    pool, helpers = found
+    step = -(-cols // (helpers + 1))
+    futures = [pool.submit(torch.matmul, x, w_t[:, i : i + step]) for i in range(step, cols, step)]
+    first = x @ w_t[:, :step]
+    return torch.cat([first, *(f.result() for f in futures)], dim=-1)
+
+
+def transposed(*weights: torch.Tensor) -> torch.Tensor:
+    """`cat(weights).t()` as one contiguous `(in, out)` tensor, written in place: no temporary
+    copy, whose freed pages the allocator would keep and the process would carry."""
+    rows = sum(w.shape[0] for w in weights)
+    out = torch.empty(weights[0].shape[1], rows, dtype=weights[0].dtype)
+    col = 0
+    for w in weights:
+        out[:, col : col + w.shape[0]].copy_(w.t())
+        col += w.shape[0]
+    return out
