@@ -47,6 +47,7 @@ class Work:
     msg: wire.ActivationMessage
     hidden: torch.Tensor  # (tokens, hidden) in the span's dtype
     t_in: float  # wall clock when it arrived
+    replay_steps: list[int] | None = None  # a replay's original step lengths: it runs alone
 
 
 @dataclass
@@ -323,7 +324,7 @@ class NodeAgent:
         if self._draining:
             return  # not acknowledged: the sender re-sends it to a node that stays
         hidden = msg.to_tensor().reshape(msg.n_tokens, self._hidden).to(span.dtype)
-        self._inbox.append(Work(msg, hidden, time.time()))
+        self._inbox.append(Work(msg, hidden, time.time(), _replay_steps(msg)))
         self._recent[msg.sid] = time.monotonic()
         self._has_work.set()
 
@@ -377,7 +378,7 @@ class NodeAgent:
         if not self._inbox:
             return []
         first = self._inbox[0]
-        if _replay_steps(first.msg) is not None:  # a replay runs alone, step by step
+        if first.replay_steps is not None:  # a replay runs alone, step by step
             return [self._inbox.popleft()]
         batch: list[Work] = []
         rest: collections.deque[Work] = collections.deque()
@@ -386,7 +387,7 @@ class NodeAgent:
         while self._inbox:
             w = self._inbox.popleft()
             fits = tokens + w.msg.n_tokens <= self.cfg.max_batch_tokens or not batch
-            alone = _replay_steps(w.msg) is not None
+            alone = w.replay_steps is not None
             if w.msg.layer == first.msg.layer and w.msg.sid not in sessions and fits and not alone:
                 batch.append(w)
                 sessions.add(w.msg.sid)
@@ -402,7 +403,7 @@ class NodeAgent:
         assert span is not None
         skip = range(self.cfg.start, batch[0].msg.layer)  # entered mid-span
         segments = [Segment(w.msg.sid, w.msg.pos, w.msg.n_tokens) for w in batch]
-        steps = _replay_steps(batch[0].msg) if len(batch) == 1 else None
+        steps = batch[0].replay_steps if len(batch) == 1 else None
         try:
             if steps is not None:  # the original steps again: the same shapes, the same cache
                 w, parts, at = batch[0], [], 0
@@ -474,7 +475,7 @@ class NodeAgent:
         while active > 1 and time.monotonic() < deadline:
             if len({w.msg.sid for w in self._inbox}) >= active:
                 return
-            if any(_replay_steps(w.msg) is not None for w in self._inbox):
+            if any(w.replay_steps is not None for w in self._inbox):
                 return  # a replay runs alone anyway
             await asyncio.sleep(WAVE_POLL)
 
@@ -519,7 +520,7 @@ class NodeAgent:
             await self._forwarder.send(
                 hidden, layer=cfg.end, pos=pos, step=msg.step, sid=msg.sid, cid=msg.cid,
                 route=route, skipped=msg.skipped, meta=meta,
-                history_rows=o.hidden, history_pos=msg.pos, history_steps=_replay_steps(msg),
+                history_rows=o.hidden, history_pos=msg.pos, history_steps=o.work.replay_steps,
             )  # fmt: skip
         await send_ack(mesh, self.topics, upstream, T.Ack(msg.mid, T.NodeId(cfg.node_id)))
 
