@@ -207,7 +207,7 @@ def fork(span: LayerSpan, src: str, dst: str) -> None:
     """Give session `dst` a copy of session `src`'s KV caches in `span`."""
     state = span.sessions[src]
     caches = [LayerCache(c.k.clone(), c.v.clone()) for c in state.caches]
-    span.sessions[dst] = SessionState(caches=caches, length=state.length)
+    span.sessions[dst] = SessionState(caches=caches, filled=list(state.filled))
 
 
 class Evaluator:

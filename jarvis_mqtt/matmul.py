@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+# Decode multiplies one row by each weight matrix (a GEMV) and is bound by memory bandwidth.
 # Measured here (x86-64, torch 2.13 CPU): `x @ W_t` with the weight stored (in, out) streams
 # 1.4-1.7x faster than `F.linear(x, W)` on the (out, in) layout, and torch runs a GEMV on one
 # thread only, so wide matrices are split by columns over a small pool of threads.

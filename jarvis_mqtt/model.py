@@ -198,7 +198,6 @@ class ModelArgs:
         return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
 
 
-# Decode multiplies one row by each weight matrix (a GEMV) and is bound by memory bandwidth.
 def _release(*linears: nn.Linear) -> None:
     """Drop the loaded weights of projections that `fuse()` has copied (they are not used)."""
     for proj in linears:

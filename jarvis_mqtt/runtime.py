@@ -105,15 +105,14 @@ class SessionState:
     """One session's KV caches for the layers of a span."""
 
     caches: list[LayerCache]
-    length: int = 0  # positions filled in the layers that ran last
     last_used: float = 0.0  # time.monotonic() seconds
-    # Positions filled per layer. A message entering mid-span runs only the layers from its
+    # Positions filled, per layer. A message entering mid-span runs only the layers from its
     # entry on; the layers before it hold nothing for those positions until a replay fills them.
     filled: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.filled:
-            self.filled = [self.length] * len(self.caches)
+            self.filled = [0] * len(self.caches)
 
     @property
     def capacity(self) -> int:
@@ -274,9 +273,8 @@ class LayerSpan(nn.Module):
             elif new_cap > state.capacity:
                 for cache in state.caches:
                     cache.grow(new_cap)
-            state.length = seg.start + seg.length
             for j in run:
-                state.filled[j] = state.length
+                state.filled[j] = seg.start + seg.length
             state.last_used = now
             states.append(state)
         return states
