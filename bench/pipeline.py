@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bench import relay
-from bench.procs import baseline_rss, cpu_snapshot, machine, mib, proc_status
+from bench.procs import baseline_rss, cpu_snapshot, machine, mib, proc_status, rss_figure
 from bench.report import Figure, Section, Stats, percentile
 from bench.runtime import Ours, prompt_ids
 from jarvis_mqtt import wire
@@ -475,19 +475,15 @@ def memory_figures(sec: Section, md: ModelDir, mesh: LocalMesh) -> None:
             )
         )  # fmt: skip
     sec.add(
-        Figure(
-            key="baseline_rss_import_torch_bytes", label="RSS, python + import torch",
-            value=torch_only["VmRSS"], unit="B",
-            inputs={"RssAnon": torch_only["RssAnon"], "RssFile": torch_only["RssFile"]},
-            how=f"{mib(torch_only['VmRSS'])} MiB (anon {mib(torch_only['RssAnon'])}, file "
-            f"{mib(torch_only['RssFile'])})",
+        rss_figure(
+            "baseline_rss_import_torch_bytes", "RSS, python + import torch", torch_only,
+            "a fresh interpreter, no weights",
         )
     )  # fmt: skip
     sec.add(
-        Figure(
-            key="baseline_rss_import_node_agent_bytes", label="RSS, python + import node_agent",
-            value=agent_only["VmRSS"], unit="B",
-            how=f"{mib(agent_only['VmRSS'])} MiB: every module a node imports, no weights",
+        rss_figure(
+            "baseline_rss_import_node_agent_bytes", "RSS, python + import node_agent",
+            agent_only, "every module a node imports, no weights",
         )
     )  # fmt: skip
 

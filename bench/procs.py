@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import Figure
+
 _BASELINE_CHILD = """
 import sys
 for name in sys.argv[1:]:
@@ -77,3 +79,13 @@ def machine() -> dict[str, Any]:
 def mib(n: float) -> float:
     """Bytes to MiB, one decimal."""
     return round(n / (1 << 20), 1)
+
+
+def rss_figure(key: str, label: str, status: dict[str, int], what: str) -> Figure:
+    """A process's resident memory (VmRSS from `status`), split into anonymous and file-backed."""
+    return Figure(
+        key=key, label=label, value=status["VmRSS"], unit="B",
+        inputs={"RssAnon": status["RssAnon"], "RssFile": status["RssFile"]},
+        how=f"{mib(status['VmRSS'])} MiB (anon {mib(status['RssAnon'])}, file "
+        f"{mib(status['RssFile'])}): {what}",
+    )  # fmt: skip

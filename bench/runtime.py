@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.procs import baseline_rss, machine, mib
+from bench.procs import baseline_rss, machine, mib, rss_figure
 from bench.report import Figure, Section, Stats
 from jarvis_mqtt.checkpoint import ModelDir
 from jarvis_mqtt.matmul import matmul_t
@@ -138,14 +138,7 @@ def hf_prefill(model: Any, ids: list[int]) -> float:
 
 def matmul_floor(weights_t: list[torch.Tensor], n: int) -> float:
     """Tok/s of nothing but our decode's `matmul_t` calls on the same (in, out) tensors."""
-    xs = {w.shape[0]: torch.randn(1, w.shape[0], dtype=w.dtype) for w in weights_t}
-    calls = [(xs[w.shape[0]], w) for w in weights_t]
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for x, w in calls:
-                matmul_t(x, w)
-        return n / (time.perf_counter() - t0)
+    return _calls_per_second(weights_t, 0, matmul_t, n)
 
 
 def naive_weights(md: ModelDir) -> list[torch.Tensor]:
@@ -157,13 +150,23 @@ def naive_weights(md: ModelDir) -> list[torch.Tensor]:
 
 def naive_floor(weights: list[torch.Tensor], n: int) -> float:
     """Tok/s of `F.linear` on the stored (out, in) weights: q, k, v, o, gate, up, down, head."""
-    xs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
-    calls = [(xs[w.shape[1]], w) for w in weights]
+    return _calls_per_second(weights, 1, F.linear, n)
+
+
+def _calls_per_second(
+    weights: list[torch.Tensor],
+    in_dim: int,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    n: int,
+) -> float:
+    """Rate of `n` rounds of `fn(x, w)` over every weight, `x` one row of width w.shape[in_dim]."""
+    xs = {w.shape[in_dim]: torch.randn(1, w.shape[in_dim], dtype=w.dtype) for w in weights}
+    calls = [(xs[w.shape[in_dim]], w) for w in weights]
     with torch.inference_mode():
         t0 = time.perf_counter()
         for _ in range(n):
             for x, w in calls:
-                F.linear(x, w)
+                fn(x, w)
         return n / (time.perf_counter() - t0)
 
 
@@ -369,19 +372,15 @@ def run(md: ModelDir, threads: int) -> Section:
         )
     )  # fmt: skip
     sec.add(
-        Figure(
-            key="rss_after_decode_bytes", label="RSS after decode (steady)", value=mem["VmRSS"],
-            unit="B", inputs={"RssAnon": mem["RssAnon"], "RssFile": mem["RssFile"]},
-            how=f"{mib(mem['VmRSS'])} MiB: anonymous {mib(mem['RssAnon'])}, file-backed "
-            f"{mib(mem['RssFile'])} (mapped shard files + libraries)",
+        rss_figure(
+            "rss_after_decode_bytes", "RSS after decode (steady)", mem,
+            "file-backed is the mapped shard files and libraries",
         )
     )  # fmt: skip
     sec.add(
-        Figure(
-            key="baseline_rss_import_torch_bytes", label="RSS of python + import torch",
-            value=base["VmRSS"], unit="B",
-            inputs={"RssAnon": base["RssAnon"], "RssFile": base["RssFile"]},
-            how=f"{mib(base['VmRSS'])} MiB, a fresh interpreter, no weights",
+        rss_figure(
+            "baseline_rss_import_torch_bytes", "RSS of python + import torch", base,
+            "a fresh interpreter, no weights",
         )
     )  # fmt: skip
     sec.context.update(
