@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jarvis_mqtt.errors import JarvisError
+from jarvis_mqtt.membership import parse_layers
 
 if TYPE_CHECKING:  # torch comes with it: keep `jarvis --help` and `jarvis mesh down` quick
     from jarvis_mqtt.sampling import SamplingParams
@@ -128,7 +129,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not a.raw:
         text = tok.apply_chat_template([{"role": "user", "content": a.prompt}])
     ids = tok.encode(text, add_special_tokens=a.raw)
-    skip = [int(x) for x in a.skip.split(",")] if a.skip else []
+    skip = parse_layers(a.skip, "--skip") if a.skip else []
     events = []
     for ev in local.generate(ids, sampling_from_args(a), skip=skip):
         events.append(ev)

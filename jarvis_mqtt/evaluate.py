@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jarvis_mqtt.errors import CheckpointError, ConfigError
+from jarvis_mqtt.membership import parse_layers
 
 if TYPE_CHECKING:  # torch comes with these: keep `jarvis --help` quick
     from jarvis_mqtt.checkpoint import ModelDir
@@ -55,10 +56,7 @@ def parse_skip(text: str, num_layers: int | None = None) -> frozenset[int]:
     """ "4,5,9" -> {4, 5, 9}; "" or "none" -> {}; each layer checked against `num_layers`."""
     if text.strip().lower() in ("", "none", "intact"):
         return frozenset()
-    try:
-        layers = frozenset(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise ConfigError(f"bad skip set {text!r}: give layers like 4,5,9") from None
+    layers = frozenset(parse_layers(text, "skip set"))
     if num_layers is not None and any(not 0 <= i < num_layers for i in layers):
         raise ConfigError(f"skip set {text!r}: layers run from 0 to {num_layers - 1}")
     return layers

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jarvis_mqtt.errors import WireError
+from jarvis_mqtt.errors import ConfigError, WireError
 
 HEARTBEAT_INTERVAL = 1.0  # seconds between status refreshes
 STALE_AFTER = 5.0  # seconds without a heartbeat before a node counts as gone
@@ -113,6 +113,14 @@ class MeshView:
         """Layers of `model` that no live node hosts."""
         live = self.live(model, now)
         return [i for i in range(num_layers) if not any(s.covers(i) for s in live)]
+
+
+def parse_layers(text: str, flag: str) -> list[int]:
+    """ "0,29" -> [0, 29], the form every `--flag LAYERS` takes; ConfigError naming `flag`."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected layers like 0,29") from None
 
 
 def format_layers(layers: Iterable[int]) -> str:

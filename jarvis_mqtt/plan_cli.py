@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from jarvis_mqtt.errors import ConfigError, JarvisError
 from jarvis_mqtt.inspect import _connection_flags  # the same connection flags as `inspect`
+from jarvis_mqtt.membership import parse_layers
 from jarvis_mqtt.placement import (
     ModelSpec,
     NodeSpec,
@@ -110,7 +111,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
         raise ConfigError("--apply plans over the live contributors: no --nodes-json or --json")
     root = Path(a.models_dir) if getattr(a, "models_dir", None) else None
     md = ModelDir.open(a.model if root is None else str(root / a.model))
-    critical = _layers(a.critical) if a.critical else None
+    critical = parse_layers(a.critical, "--critical") if a.critical else None
     if a.apply:
         return _cmd_apply(a, md, root, critical)
     model = ModelSpec.from_model_dir(md, critical)
@@ -203,13 +204,6 @@ def make_planner(
         return keep_stable(new, kept), notes
 
     return planner
-
-
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--critical {text!r}: expected layers like 0,29") from None
 
 
 # -- reading nodes -------------------------------------------------------------------------------

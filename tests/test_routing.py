@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jarvis_mqtt.errors import MeshError, WireError
-from jarvis_mqtt.membership import MeshView, NodeStatus, format_layers
+from jarvis_mqtt.errors import ConfigError, MeshError, WireError
+from jarvis_mqtt.membership import MeshView, NodeStatus, format_layers, parse_layers
 from jarvis_mqtt.routing import next_hop
 
 
@@ -62,6 +62,13 @@ def test_next_hop_skips_only_when_allowed() -> None:
     with pytest.raises(MeshError, match="may not be skipped"):
         next_hop(live, 2, 6, allow_skip=True, never_skip={3})
     assert next_hop([st("a", 0, 4)], 4, 6, allow_skip=True).skipped == (4, 5)
+
+
+def test_parse_layers_names_the_flag() -> None:
+    assert parse_layers("0, 29,", "--critical") == [0, 29]
+    assert parse_layers("", "--critical") == []
+    with pytest.raises(ConfigError, match=r"--never-skip '1,x': expected layers"):
+        parse_layers("1,x", "--never-skip")
 
 
 def test_format_layers() -> None:

@@ -15,7 +15,7 @@ from jarvis_mqtt.brokers import BrokerAddress, parse_brokers
 from jarvis_mqtt.cli import add_auth_flags, add_sampling_flags, apply_auth_flags, sampling_from_args
 from jarvis_mqtt.errors import JarvisError
 from jarvis_mqtt.generate import TokenEvent
-from jarvis_mqtt.membership import format_layers
+from jarvis_mqtt.membership import format_layers, parse_layers
 
 HELP = "/reset clears the history · /stats timings · /route last route · /quit leaves"
 
@@ -111,7 +111,7 @@ async def run(a: argparse.Namespace) -> int:
         topic_root=root,
         step_timeout=a.timeout,
         allow_skip=not a.no_skip,
-        never_skip=None if a.never_skip is None else [int(x) for x in a.never_skip.split(",") if x],
+        never_skip=None if a.never_skip is None else parse_layers(a.never_skip, "--never-skip"),
     )
     async with remote:
         await remote.wait_ready(a.wait)
