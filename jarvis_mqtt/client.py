@@ -91,13 +91,12 @@ class SessionRoute:
 
 def default_never_skip(model_dir: ModelDir) -> list[int]:
     """The never-skip layers of the model directory's `criticality.json` (`jarvis eval
-    sweep`), else the first and the last layer, which the JARVIS poster found critical."""
-    from jarvis_mqtt.evaluate import load_criticality
+    sweep`), read as the planner reads them, else the first and the last layer, which the
+    JARVIS poster found critical."""
+    from jarvis_mqtt.placement_specs import CRITICALITY_FILE, read_criticality
 
-    profile = load_criticality(model_dir)
-    if profile is not None and profile.get("never_skip") is not None:
-        return [int(i) for i in profile["never_skip"]]
-    return [0, model_dir.num_layers - 1]
+    never, _ = read_criticality(model_dir.path / CRITICALITY_FILE, model_dir.num_layers)
+    return sorted(never) if never is not None else [0, model_dir.num_layers - 1]
 
 
 class RemoteModel:

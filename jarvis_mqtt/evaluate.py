@@ -23,12 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from jarvis_mqtt.errors import CheckpointError, ConfigError
 from jarvis_mqtt.membership import parse_layers
+from jarvis_mqtt.placement_specs import CRITICALITY_FILE
 
 if TYPE_CHECKING:  # torch comes with these: keep `jarvis --help` quick
     from jarvis_mqtt.checkpoint import ModelDir
     from jarvis_mqtt.eval_engine import Evaluator, Skip
-
-CRITICALITY_FILE = "criticality.json"
 
 
 def load_criticality(model_dir: ModelDir | Path | str) -> dict[str, Any] | None:
