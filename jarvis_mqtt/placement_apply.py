@@ -40,13 +40,15 @@ def assignments(
     current: Mapping[str, Assignment],
     *,
     plan: str | None = None,
+    manifest: str | None = None,
 ) -> dict[str, Assignment | None]:
     """What each node should be assigned: its span of `model` from `spans`, others kept.
 
     Covers every node of `nodes` (the live ones), of `spans` and of `current`, so a node that
     left the plan loses its span. None clears the retained assignment of a node that is gone
     and keeps nothing else (a live node gets an empty one: contributors ignore a cleared
-    topic). `plan` defaults to `plan_id(model, spans)`.
+    topic). `plan` defaults to `plan_id(model, spans)`. `manifest` (the sha256 of the model's
+    manifest) goes with the span, so a node lacking the files can fetch and check them.
     """
     pid = plan_id(model, spans) if plan is None else plan
     live = set(nodes)
@@ -56,7 +58,11 @@ def assignments(
         others = tuple(x for x in old.spans if x[0] != model)
         mine = ((model, *spans[node]),) if node in spans else ()
         keep = others + mine
-        out[node] = Assignment(tuple(sorted(keep)), pid) if keep or node in live else None
+        hashes = {m: h for m, h in old.manifests if m != model and any(x[0] == m for x in keep)}
+        if mine and manifest:
+            hashes[model] = manifest
+        a = Assignment(tuple(sorted(keep)), pid, tuple(sorted(hashes.items())))
+        out[node] = a if keep or node in live else None
     return out
 
 

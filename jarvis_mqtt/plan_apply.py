@@ -40,6 +40,7 @@ class ApplySettings:
     """What `jarvis plan --apply` publishes and how it waits."""
 
     model: str  # the model's name, as in its topics
+    manifest: str | None = None  # sha256 of its manifest.json, so contributors can fetch files
     settle: float = 1.0  # seconds without a retained message before the mesh counts as read
     settle_limit: float = 5.0  # seconds reading retained messages at most
     debounce: float = 2.0  # seconds membership must stay unchanged before re-planning
@@ -77,13 +78,37 @@ class MeshState:
         """Live contributors: idle statuses announcing memory."""
         return [s for s in self.view.live() if s.idle and "memory_bytes" in s.capacity]
 
-    def entries(self) -> Entries:
-        """The live contributors as planner entries."""
-        return [{"node_id": s.node_id, "capacity": dict(s.capacity)} for s in self.contributors()]
+    def entries(self, model: str) -> Entries:
+        """The live contributors as planner entries for `model`: what other models use of a
+        device's memory is not there to offer."""
+        return [
+            {"node_id": s.node_id, "capacity": leftover_capacity(s, model)}
+            for s in self.contributors()
+        ]
 
-    def key(self) -> tuple[tuple[str, str], ...]:
-        """What a plan depends on: who contributes, with what."""
-        return tuple((s.node_id, repr(sorted(s.capacity.items()))) for s in self.contributors())
+    def key(self, model: str) -> tuple[tuple[str, str], ...]:
+        """What a plan of `model` depends on: who contributes, with what."""
+        return tuple(
+            (s.node_id, repr(sorted(leftover_capacity(s, model).items())))
+            for s in self.contributors()
+        )
+
+
+def leftover_capacity(status: NodeStatus, model: str) -> dict[str, Any]:
+    """A contributor's capacity less the memory its spans of models other than `model` take.
+
+    A device hosting layers of two models offers each planner only what the other leaves.
+    """
+    cap = dict(status.capacity)
+    hosting = status.load.get("hosting") if isinstance(status.load, dict) else None
+    used = 0
+    for h in hosting if isinstance(hosting, list) else []:
+        if isinstance(h, dict) and h.get("model") != model:
+            b = h.get("bytes")
+            used += b if isinstance(b, int) and b > 0 else 0
+    if used and isinstance(cap.get("memory_bytes"), int):
+        cap["memory_bytes"] = max(cap["memory_bytes"] - used, 0)
+    return cap
 
 
 async def apply_once(
@@ -95,11 +120,11 @@ async def apply_once(
         await _subscribe(mesh, conn.topics)
         await _settle(aiter(mesh.messages()), state, settings)
         plan, notes = await asyncio.to_thread(
-            planner, state.entries(), A.spans_of(settings.model, state.current)
+            planner, state.entries(settings.model), A.spans_of(settings.model, state.current)
         )
         for note in notes:
             out(f"note: {note}")
-        await publish(mesh, state, settings.model, plan, out)
+        await publish(mesh, state, settings, plan, out)
         return plan
 
 
@@ -118,13 +143,16 @@ async def watch(
         it = aiter(mesh.messages())
         await _settle(it, state, settings)
         planned: tuple[tuple[str, str], ...] | None = None
-        seen, changed_at = state.key(), -float("inf")  # what was read at start is settled
+        seen, changed_at = (
+            state.key(settings.model),
+            -float("inf"),
+        )  # what was read at start is settled
         out(f"watching contributors for {settings.model} ({len(seen)} now)")
         while not stop.is_set():
             m = await _next(it, TICK)
             if m is not None:
                 state.fold(m)
-            key = state.key()
+            key = state.key(settings.model)
             if key != seen:
                 seen, changed_at = key, loop.time()
             if key == planned or loop.time() - changed_at < settings.debounce:
@@ -132,25 +160,32 @@ async def watch(
             planned = key
             try:
                 plan, _ = await asyncio.to_thread(
-                    planner, state.entries(), A.spans_of(settings.model, state.current)
+                    planner,
+                    state.entries(settings.model),
+                    A.spans_of(settings.model, state.current),
                 )
             except PlacementError as e:  # wait for more capacity; what runs keeps running
                 out(f"cannot place {settings.model} on {len(key)} contributors: {e}")
                 continue
             try:
-                await publish(mesh, state, settings.model, plan, out)
+                await publish(mesh, state, settings, plan, out)
             except JarvisError as e:  # brokers away: try again at the next change or tick
                 out(f"publishing failed: {e}")
                 planned = None
 
 
 async def publish(
-    mesh: MeshClient, state: MeshState, model: str, plan: Plan, out: Callable[[str], None]
+    mesh: MeshClient,
+    state: MeshState,
+    settings: ApplySettings,
+    plan: Plan,
+    out: Callable[[str], None],
 ) -> dict[str, T.Assignment | None]:
     """Publish the assignments `plan` changes (retained), and say what was published."""
+    model = settings.model
     spans = plan.spans_by_node()
     live = [s.node_id for s in state.contributors()]
-    wanted = A.assignments(model, spans, live, state.current)
+    wanted = A.assignments(model, spans, live, state.current, manifest=settings.manifest)
     changes = A.to_publish(state.current, wanted)
     if not changes:
         out(f"plan {A.plan_id(model, spans)} unchanged: {_brief(plan)}")

@@ -122,7 +122,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
             raise ConfigError(f"--nodes-json {a.nodes_json}: {e}") from e
         entries = _entries(data)
     else:
-        entries = _live_entries(a)
+        entries = _live_entries(a, md.name)
     nodes, notes = nodes_from_entries(entries, bench_scale=_bench_scale(md, entries, root))
     scores = compare(model, nodes, **_plan_kw(a))
     best = scores["planner"]
@@ -157,11 +157,13 @@ def _cmd_apply(
     """`--apply [--watch]`: publish the plan as assignments (and keep it current)."""
     import signal
 
+    from jarvis_mqtt.checkpoint import MANIFEST, sha256_file
     from jarvis_mqtt.inspect import connection_from_args
     from jarvis_mqtt.plan_apply import ApplySettings, apply_once, watch
 
     conn = connection_from_args(a)
-    settings = ApplySettings(model=md.name, debounce=a.debounce)
+    manifest = sha256_file(md.path / MANIFEST)
+    settings = ApplySettings(model=md.name, manifest=manifest, debounce=a.debounce)
     planner = make_planner(md, root, critical, **_plan_kw(a))
 
     def out(line: str) -> None:
@@ -217,15 +219,16 @@ def _entries(data: Any) -> list[Mapping[str, Any]]:
     return list(data)
 
 
-def _live_entries(a: argparse.Namespace) -> list[Mapping[str, Any]]:
-    """The retained statuses of live nodes, as entries."""
+def _live_entries(a: argparse.Namespace, model: str) -> list[Mapping[str, Any]]:
+    """The retained statuses of live nodes, as entries for planning `model`."""
     from jarvis_mqtt.inspect import collect_nodes, connection_from_args
     from jarvis_mqtt.inspect_nodes import node_state
+    from jarvis_mqtt.plan_apply import leftover_capacity
 
     board = asyncio.run(collect_nodes(connection_from_args(a)))
     now = time.time()
     return [
-        {"node_id": st.node_id, "capacity": dict(st.capacity)}
+        {"node_id": st.node_id, "capacity": leftover_capacity(st, model)}
         for st in board.statuses.values()
         if node_state(st, now) == "online"
     ]

@@ -7,8 +7,10 @@ results". Five roles:
 | role        | reads                                              | writes                      |
 | ----------- | -------------------------------------------------- | --------------------------- |
 | node        | layer topics addressed to it (or to no node),      | any layer topic, its own    |
-|             | `free`, every status, its acks and assignment      | status, any result, any ack |
-| contributor | as a node, for any node id                         | as a node, for any node id  |
+|             | `free`, every status, its acks and assignment,     | status, any result, any ack,|
+|             | requests for its files                             | pieces of its files         |
+| contributor | as a node, for any node id; pieces of files        | as a node, for any node id; |
+|             |                                                    | requests for files          |
 | client      | every status, its own result and acks              | any layer topic, `free`     |
 | planner     | every status and assignment                        | any assignment              |
 | monitor     | everything under the root, and `$SYS`              | nothing                     |
@@ -109,6 +111,17 @@ def acl_rules(
             AclRule(w, _topic(T.CLIENT_RESULT, root, client_id="+")),
             AclRule(r, _topic(T.ACK, root, name=me)),
             AclRule(w, _topic(T.ACK, root, name="+")),
+            # Any node serves the files of its model; only a contributor fetches them.
+            AclRule(r, _topic(T.FILE_GET, root, node_id=me)),
+            AclRule(w, _topic(T.FILE_DATA, root, name="+")),
+            *(
+                [
+                    AclRule(w, _topic(T.FILE_GET, root, node_id="+")),
+                    AclRule(r, _topic(T.FILE_DATA, root, name="+")),
+                ]
+                if role == "contributor"
+                else []
+            ),
         ]
     if role == "client":
         per_model = [

@@ -12,10 +12,13 @@ matters, the model name, so several models and test runs share one mesh without 
 | `{root}/ack/{node_or_client_id}`   | msgpack `Ack` (passed on, or replay from)  | no       |
 | `{root}/assign/{node_id}`          | msgpack `Assignment`: spans to host       | yes      |
 | `{root}/client/{client_id}/result` | `wire.ResultMessage` or `wire.ErrorMessage` | no     |
+| `{root}/file/{node_id}/get`        | msgpack `FileRequest`: a piece of a file   | no       |
+| `{root}/file/{name}/data`          | msgpack `FileChunk`: the piece, or why not | no       |
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Iterable
@@ -36,10 +39,15 @@ DEFAULT_ROOT = "jarvis"
 MAX_NAME = 128  # characters in one topic level we build from a name
 MAX_LAYER = 65535  # no model comes near; bounds what the network can ask for
 MAX_FREE_IDS = 4096  # session ids in one free message
+MAX_FILE_CHUNK = 1 << 20  # bytes of a file in one message
+MAX_FILE_NAME = 255
 
 # One topic level: no separators or wildcards, no whitespace or control characters.
 _NAME = re.compile(rf"[^/+#\s\x00-\x1f\x7f]{{1,{MAX_NAME}}}")
 _MESSAGE_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A file of a model directory: one plain name, nothing that could climb out of it.
+_FILE_NAME = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{MAX_FILE_NAME - 1}}}")
 
 
 def is_name(value: object) -> TypeGuard[str]:
@@ -100,7 +108,13 @@ CLIENT_RESULT = TopicSpec(
 ACK = TopicSpec("{root}/ack/{name}", "msgpack Ack")
 # What a planner wants a contributor node to host; retained so a node that restarts finds it.
 ASSIGN = TopicSpec("{root}/assign/{node_id}", "msgpack Assignment", retained=True)
-ALL_SPECS = (LAYER, NODE_LAYER, ACK, ASSIGN, SESSION_FREE, NODE_STATUS, CLIENT_RESULT)
+# Layer files travel between nodes: a contributor assigned layers it lacks asks a node that has
+# them for one piece at a time and gets each piece (or an error) on its own data topic.
+FILE_GET = TopicSpec("{root}/file/{node_id}/get", "msgpack FileRequest")
+FILE_DATA = TopicSpec("{root}/file/{name}/data", "msgpack FileChunk")
+ALL_SPECS = (
+    LAYER, NODE_LAYER, ACK, ASSIGN, SESSION_FREE, NODE_STATUS, CLIENT_RESULT, FILE_GET, FILE_DATA
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -147,8 +161,29 @@ class AssignTopic:
     node_id: NodeId
 
 
+@dataclass(frozen=True)
+class FileGetTopic:
+    """Parsed `{root}/file/{node_id}/get`."""
+
+    node_id: NodeId
+
+
+@dataclass(frozen=True)
+class FileDataTopic:
+    """Parsed `{root}/file/{name}/data`."""
+
+    name: str
+
+
 ParsedTopic = (
-    LayerTopic | SessionFreeTopic | NodeStatusTopic | ClientResultTopic | AckTopic | AssignTopic
+    LayerTopic
+    | SessionFreeTopic
+    | NodeStatusTopic
+    | ClientResultTopic
+    | AckTopic
+    | AssignTopic
+    | FileGetTopic
+    | FileDataTopic
 )
 
 
@@ -205,6 +240,14 @@ class Topics:
         """Where results and errors for one client go."""
         return f"{self.root}/client/{check_name(client_id, 'client id')}/result"
 
+    def file_get(self, node_id: NodeId | str) -> str:
+        """Where node `node_id` takes requests for pieces of its model files."""
+        return f"{self.root}/file/{check_name(node_id, 'node id')}/get"
+
+    def file_data(self, name: str) -> str:
+        """Where the pieces `name` asked for arrive."""
+        return f"{self.root}/file/{check_name(name, 'file receiver')}/data"
+
     def parse(self, topic: str) -> ParsedTopic:
         """Split a topic under this root back into its parts; WireError if it is not ours."""
         prefix = self.root + "/"
@@ -228,6 +271,10 @@ class Topics:
                 return AckTopic(name)
             case ["assign", node_id] if is_name(node_id):
                 return AssignTopic(NodeId(node_id))
+            case ["file", node_id, "get"] if is_name(node_id):
+                return FileGetTopic(NodeId(node_id))
+            case ["file", name, "data"] if is_name(name):
+                return FileDataTopic(name)
         raise WireError(f"unknown topic {topic!r}")
 
 
@@ -297,18 +344,38 @@ def unpack_ack(payload: bytes) -> Ack:
     return Ack(MessageId(d["mid"]), NodeId(d["by"]), need)
 
 
+def is_sha256(value: object) -> TypeGuard[str]:
+    """Whether `value` is a hex sha256 digest (lowercase)."""
+    return isinstance(value, str) and bool(_SHA256.fullmatch(value))
+
+
+def is_file_name(value: object) -> TypeGuard[str]:
+    """Whether `value` can name a file of a model directory (no path, no leading dot)."""
+    return isinstance(value, str) and bool(_FILE_NAME.fullmatch(value))
+
+
 @dataclass(frozen=True)
 class Assignment:
-    """Spans a node should host, one per model; an empty tuple means host nothing."""
+    """Spans a node should host, one per model; an empty tuple means host nothing.
+
+    `manifests` gives, per model, the sha256 of the planner's `manifest.json`: a node that
+    lacks the model's files fetches them from nodes that have them and trusts a fetched
+    manifest only if it has that hash (and each file only if it matches the manifest).
+    """
 
     spans: tuple[tuple[str, int, int], ...]  # (model, start, end), half-open
     plan: str = ""  # id of the plan this came from
+    manifests: tuple[tuple[str, str], ...] = ()  # (model, sha256 of its manifest.json), sorted
+
+    def manifest(self, model: str) -> str | None:
+        """The manifest hash given for `model`, if any."""
+        return dict(self.manifests).get(model)
 
 
 def pack_assignment(a: Assignment) -> bytes:
     """Payload of an assignment."""
     spans = [{"model": m, "start": s, "end": e} for m, s, e in a.spans]
-    return msgpack.packb({"plan": a.plan, "spans": spans})
+    return msgpack.packb({"plan": a.plan, "spans": spans, "manifests": dict(a.manifests)})
 
 
 def unpack_assignment(payload: bytes) -> Assignment:
@@ -317,11 +384,79 @@ def unpack_assignment(payload: bytes) -> Assignment:
     try:
         spans = tuple((str(x["model"]), int(x["start"]), int(x["end"])) for x in d["spans"])
         plan = str(d.get("plan", ""))
-    except (KeyError, TypeError, ValueError) as e:
+        manifests = tuple(sorted(dict(d.get("manifests") or {}).items()))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise WireError(f"bad assignment: {e!r}") from e
     for model, start, end in spans:
         if not is_name(model) or not 0 <= start < end <= MAX_LAYER:
             raise WireError(f"bad assignment span {model!r} [{start}, {end})")
     if len({m for m, _, _ in spans}) != len(spans):
         raise WireError("an assignment has one span per model at most")
-    return Assignment(spans, plan)
+    for model, digest in manifests:
+        if not is_name(model) or not is_sha256(digest):
+            raise WireError(f"bad manifest hash for {model!r} in an assignment")
+    return Assignment(spans, plan, manifests)
+
+
+@dataclass(frozen=True)
+class FileRequest:
+    """Asks a node for `length` bytes at `offset` of one file of its model directory."""
+
+    rid: MessageId  # answered in the chunk, so the asker matches answers to requests
+    model: str
+    file: str  # a name listed in the manifest, or `manifest.json`
+    offset: int
+    length: int
+    reply: str  # the asker's name: the chunk goes to `file_data(reply)`
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    """A piece of a file (`size` is the whole file's), or `error` saying why there is none."""
+
+    rid: MessageId
+    offset: int = 0
+    size: int = 0
+    data: bytes = b""
+    error: str = ""
+
+
+def pack_file_request(r: FileRequest) -> bytes:
+    """Payload of a file request."""
+    return msgpack.packb(dataclasses.asdict(r))
+
+
+def unpack_file_request(payload: bytes) -> FileRequest:
+    """A file request from its payload; WireError when malformed."""
+    d = _unpack(payload, "file request")
+    if not isinstance(d, dict):
+        raise WireError("file request is not a map")
+    rid, model, name, reply = d.get("rid"), d.get("model"), d.get("file"), d.get("reply")
+    offset, length = d.get("offset"), d.get("length")
+    if not (is_message_id(rid) and is_name(model) and is_name(reply) and is_file_name(name)):
+        raise WireError("file request needs a message id, a model, a plain file name and a reply")
+    if not (_is_count(offset, 1 << 40) and _is_count(length, MAX_FILE_CHUNK) and length > 0):
+        raise WireError(f"file request range {offset!r}+{length!r} out of bounds")
+    return FileRequest(MessageId(rid), model, name, offset, length, reply)
+
+
+def pack_file_chunk(c: FileChunk) -> bytes:
+    """Payload of a file chunk."""
+    return msgpack.packb(dataclasses.asdict(c), use_bin_type=True)
+
+
+def unpack_file_chunk(payload: bytes) -> FileChunk:
+    """A file chunk from its payload; WireError when malformed."""
+    d = _unpack(payload, "file chunk")
+    if not isinstance(d, dict) or not is_message_id(d.get("rid")):
+        raise WireError("file chunk is not a map with a message id")
+    offset, size, data, error = d.get("offset"), d.get("size"), d.get("data"), d.get("error")
+    if not (_is_count(offset, 1 << 40) and _is_count(size, 1 << 40)):
+        raise WireError("file chunk offset or size out of bounds")
+    if not isinstance(data, bytes) or len(data) > MAX_FILE_CHUNK or not isinstance(error, str):
+        raise WireError("file chunk data is not bytes of at most one chunk, or error not text")
+    return FileChunk(MessageId(d["rid"]), offset, size, data, error[:500])
+
+
+def _is_count(value: object, limit: int) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit

@@ -5,6 +5,9 @@ of a model it has), announces that as an idle status (span `[0, 0)`), and waits 
 retained assignment from the planner (`jarvis plan --apply`). Each assigned span runs as a
 `NodeAgent` in this process, one per model, so one device can host layers of two models.
 
+Layers it has no files for are fetched first from nodes that host them (`shards.py`), each
+file checked by sha256 against the manifest whose hash the assignment carries.
+
 A new assignment is applied make-before-break: the new span loads and joins the mesh first,
 then the old one leaves cleanly. Sessions it was serving are not dropped: their senders see
 it leave, re-send what it held, and the new node rebuilds its cache from their replay.
@@ -27,11 +30,12 @@ import psutil
 import torch
 
 from jarvis_mqtt import topics as T
-from jarvis_mqtt.checkpoint import ModelDir
+from jarvis_mqtt.checkpoint import ModelDir, models_root
 from jarvis_mqtt.errors import JarvisError, WireError
 from jarvis_mqtt.membership import NodeStatus
 from jarvis_mqtt.model import Segment
 from jarvis_mqtt.runtime import LayerSpan
+from jarvis_mqtt.shards import ShardFetcher, have_files
 from jarvis_mqtt.transport import LastWill, MeshClient
 from node_agent.agent import NodeAgent
 from node_agent.config import NodeConfig
@@ -71,6 +75,7 @@ class Hosted:
     span: tuple[int, int]
     agent: NodeAgent
     task: asyncio.Task[None]
+    bytes: int  # memory it takes: its layers' files and its KV budget
 
 
 class Contributor:
@@ -97,7 +102,10 @@ class Contributor:
             capacity=self.capacity,
             load={
                 "hosting": [
-                    {"model": m, "start": h.span[0], "end": h.span[1], "node": h.agent.cfg.node_id}
+                    {
+                        "model": m, "start": h.span[0], "end": h.span[1],
+                        "node": h.agent.cfg.node_id, "bytes": h.bytes,
+                    }
                     for m, h in self.hosted.items()
                 ],
                 "plan": self.plan,
@@ -160,6 +168,7 @@ class Contributor:
             if old is not None and old.span == span and not old.task.done():
                 continue
             try:
+                await self._files(model, span, a.manifest(model))
                 await self._host(model, span, tg)
             except JarvisError as e:
                 log.error("%s: cannot host %s %s: %s", self.base.node_id, model, span, e)
@@ -168,6 +177,21 @@ class Contributor:
                 tg.create_task(self._retire(model, old), name=f"retire {old.agent.cfg.node_id}")
         for model in [m for m in self.hosted if m not in wanted]:
             await self._leave(model)
+
+    async def _files(self, model: str, span: tuple[int, int], manifest: str | None) -> None:
+        """Make sure the files of `span` are here, fetching what is missing or corrupt."""
+        dest = (self.base.models_dir or models_root()) / model
+        if await asyncio.to_thread(have_files, dest, manifest, *span):
+            return
+        log.info("%s: fetching %s layers [%d, %d) from the mesh", self.base.node_id, model, *span)
+        t0 = time.perf_counter()
+        name = f"{self.base.node_id}.fetch"
+        async with ShardFetcher(list(self.base.brokers), self.topics, name) as fetcher:
+            await fetcher.ensure(dest, model, manifest, *span)
+        log.info(
+            "%s: fetched %.1f MB of %s in %.1f s", self.base.node_id,
+            fetcher.fetched_bytes / 1e6, model, time.perf_counter() - t0,
+        )  # fmt: skip
 
     async def _host(self, model: str, span: tuple[int, int], tg: asyncio.TaskGroup) -> None:
         self._generation += 1
@@ -184,7 +208,9 @@ class Contributor:
             ready.cancel()
             raise JarvisError(f"{cfg.node_id} stopped before it was ready")
         log.info("%s: hosting %s layers [%d, %d)", self.base.node_id, model, *span)
-        self.hosted[model] = Hosted(span, agent, task)
+        md = ModelDir.open((cfg.models_dir or models_root()) / model)
+        used = md.shard_bytes(*span, include_stage=False) + cfg.kv_budget_bytes
+        self.hosted[model] = Hosted(span, agent, task, used)
 
     async def _guard(self, agent: NodeAgent) -> None:
         # A span that fails must not take the device's other spans down with it.

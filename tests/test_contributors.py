@@ -13,11 +13,12 @@ import pytest
 
 from jarvis_mqtt import topics as T
 from jarvis_mqtt.brokers import BrokerAddress
-from jarvis_mqtt.checkpoint import ModelDir
+from jarvis_mqtt.checkpoint import MANIFEST, ModelDir, sha256_file
 from jarvis_mqtt.client import RemoteModel, wait_for_nodes
 from jarvis_mqtt.generate import LocalModel
 from jarvis_mqtt.membership import MeshView, NodeStatus
 from jarvis_mqtt.mesh import stop_pid
+from jarvis_mqtt.plan_apply import leftover_capacity
 from jarvis_mqtt.sampling import SamplingParams
 from jarvis_mqtt.transport import MeshClient
 from tests.fixtures_models import models_cache
@@ -35,9 +36,11 @@ class Contributors:
         self.brokers, self.root, self.log_dir = brokers, root, log_dir
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, node_id: str) -> None:
+    def start(self, node_id: str, models_dir: Path | None = None) -> None:
+        """Start a contributor; with `models_dir` (empty) it must fetch what it hosts."""
+        models = models_dir or models_cache()
         cmd = [
-            sys.executable, "-m", "jarvis_mqtt.cli", "--models-dir", str(models_cache()),
+            sys.executable, "-m", "jarvis_mqtt.cli", "--models-dir", str(models),
             "node", "--contribute", "--node-id", node_id, "--topic-root", self.root,
             "--broker", ",".join(map(str, self.brokers)), "--threads", "1",
         ]  # fmt: skip
@@ -49,11 +52,18 @@ class Contributors:
             stop_pid(p.pid)
             p.wait()
 
+    def log(self, node_id: str) -> str:
+        return (self.log_dir / f"{node_id}.log").read_text(errors="replace")
+
     async def assign(self, spans: dict[str, list[tuple[str, int, int]]], plan: str) -> None:
+        """Publish retained assignments as a planner would, with the manifests' hashes."""
         topics = T.Topics(self.root)
         async with MeshClient(self.brokers, client_id=f"planner-{uuid.uuid4().hex[:6]}") as mesh:
             for node, s in spans.items():
-                payload = T.pack_assignment(T.Assignment(tuple(s), plan))
+                hashes = tuple(
+                    sorted({m: sha256_file(models_cache() / m / MANIFEST) for m, _, _ in s}.items())
+                )
+                payload = T.pack_assignment(T.Assignment(tuple(s), plan, hashes))
                 await mesh.publish(topics.assign(node), payload, retain=True)
 
 
@@ -84,22 +94,29 @@ def reference(md: ModelDir, n: int) -> list[int]:
     ]
 
 
-async def idle_capacity(c: Contributors, ids: list[str]) -> dict[str, dict[str, object]]:
-    """The capacity each contributor announced."""
+async def statuses(
+    c: Contributors, ids: list[str], ok: Callable[[NodeStatus], bool] = lambda s: True
+) -> dict[str, NodeStatus]:
+    """The first status of each of `ids` that satisfies `ok`."""
     view = MeshView()
     async with MeshClient(c.brokers, client_id=f"look-{uuid.uuid4().hex[:6]}") as mesh:
         await mesh.subscribe(T.Topics(c.root).all_node_status())
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(30):
             async for m in mesh.messages():
                 if m.payload:
                     view.update(T.unpack_status(m.payload))
-                if all(i in view.nodes for i in ids):
+                if all(i in view.nodes and ok(view.nodes[i]) for i in ids):
                     break
-    return {i: dict(view.nodes[i].capacity) for i in ids}
+    return {i: view.nodes[i] for i in ids}
+
+
+async def idle_capacity(c: Contributors, ids: list[str]) -> dict[str, dict[str, object]]:
+    """The capacity each contributor announced."""
+    return {i: dict(s.capacity) for i, s in (await statuses(c, ids)).items()}
 
 
 def test_contributors_join_take_a_plan_and_rebalance_mid_chat(
-    smollm2_dir: ModelDir, contributors: Callable[..., Contributors]
+    smollm2_dir: ModelDir, contributors: Callable[..., Contributors], tmp_path: Path
 ) -> None:
     n_tokens = 24
     want = reference(smollm2_dir, n_tokens)
@@ -125,7 +142,8 @@ def test_contributors_join_take_a_plan_and_rebalance_mid_chat(
                 routes.append([str(h["node"]) for h in ev.route])
                 if len(tokens) == 6:
                     # A fourth device joins; the plan is redone over four while the chat goes on.
-                    await asyncio.to_thread(c.start, "c4")
+                    # It has no model files: it fetches its layers from the node hosting them.
+                    await asyncio.to_thread(c.start, "c4", tmp_path / "c4-models")
                     await wait_for_nodes(c.brokers, c.root, ["c4"], 60)
                     await c.assign(
                         {
@@ -154,6 +172,12 @@ def test_contributors_join_take_a_plan_and_rebalance_mid_chat(
     routes = asyncio.run(scenario())
     assert [n.split(".")[0] for n in routes[0]] == ["c1", "c2", "c3"]
     assert [n.split(".")[0] for n in routes[-1]] == ["c1", "c2", "c3", "c4"]
+    # c4 fetched exactly its layers [23, 30), each checked, and served them.
+    fetched = tmp_path / "c4-models" / model
+    assert sorted(p.name for p in fetched.glob("layer_*")) == [
+        f"layer_{i:03d}.safetensors" for i in range(23, 30)
+    ]
+    assert "fetching" in c.log("c4") and "fetched" in c.log("c4")
 
 
 def test_two_models_on_one_mesh_one_device_hosting_both(
@@ -188,6 +212,14 @@ def test_two_models_on_one_mesh_one_device_hosting_both(
         assert got == [e.token_id for e in local.generate(chat_ids(md, prompt), params)]
     # One device served layers of both models.
     assert route_a[0].startswith(f"d1.{small}.") and route_b[0].startswith(f"d1.{gemma}.")
+    # Each model's planner sees only the memory the other model leaves on d1.
+    d1 = asyncio.run(statuses(c, ["d1"], lambda s: len(s.load.get("hosting", [])) == 2))["d1"]
+    offered = int(d1.capacity["memory_bytes"])
+    kv = int(d1.capacity["kv_budget_bytes"])
+    small_bytes = smollm2_dir.shard_bytes(0, 15, include_stage=False) + kv
+    gemma_bytes = gemma3_dir.shard_bytes(0, 9, include_stage=False) + kv
+    assert leftover_capacity(d1, gemma)["memory_bytes"] == offered - small_bytes
+    assert leftover_capacity(d1, small)["memory_bytes"] == offered - gemma_bytes
 
 
 async def _collect(
@@ -230,7 +262,7 @@ def test_plan_apply_places_the_model_and_the_watcher_rebalances_mid_chat(
             plan_cmd(c, model, "--watch", "--debounce", "2"), stdout=out, stderr=out
         )
     try:
-        routes = asyncio.run(_chat_through_a_join(c, smollm2_dir, want, n_tokens))
+        routes = asyncio.run(_chat_through_a_join(c, smollm2_dir, want, n_tokens, tmp_path))
     finally:
         stop_pid(watcher.pid)
         watcher.wait()
@@ -239,10 +271,11 @@ def test_plan_apply_places_the_model_and_the_watcher_rebalances_mid_chat(
     assert "  e4: " in log, log  # then the join: e4 given a span
     assert sorted(routes[0]) == ["e1", "e2", "e3"]
     assert sorted(routes[-1]) == ["e1", "e2", "e3", "e4"]
+    assert list((tmp_path / "e4-models" / model).glob("layer_*")), c.log("e4")
 
 
 async def _chat_through_a_join(
-    c: Contributors, md: ModelDir, want: list[int], n_tokens: int
+    c: Contributors, md: ModelDir, want: list[int], n_tokens: int, tmp_path: Path
 ) -> list[list[str]]:
     """A chat during which `e4` joins and the watcher re-plans; each reply's route."""
     remote = RemoteModel(md, c.brokers, topic_root=c.root, allow_skip=False)
@@ -265,7 +298,8 @@ async def _chat_through_a_join(
             if len(tokens) == 6:
                 # A fourth device joins; the watcher re-plans over four while the chat waits
                 # for e4's span to come up, then goes on during the switch.
-                await asyncio.to_thread(c.start, "e4")
+                # e4 has no files: the plan's manifest hash lets it fetch and check them.
+                await asyncio.to_thread(c.start, "e4", tmp_path / "e4-models")
                 await wait_for_nodes(c.brokers, c.root, ["e4"], 60)
                 await until(lambda: "e4" in contributors_of(remote.view.live(md.name)), 120)
         assert tokens == want  # nothing dropped or changed by the rebalance

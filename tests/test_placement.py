@@ -523,6 +523,18 @@ def test_assignments_keep_other_models_and_empty_or_clear_the_rest() -> None:
     assert set(to_publish(applied, moved)) == {"a", "b", "c"}  # same spans, new plan id: "b"
 
 
+def test_assignments_carry_the_manifest_hash_of_each_hosted_model() -> None:
+    hm, ho = "11" * 32, "22" * 32
+    current = {"a": Assignment((("m", 0, 4), ("other", 0, 2)), "old", (("other", ho),))}
+    got = assignments("m", {"a": (0, 5), "b": (5, 8)}, ["a", "b", "c"], current, manifest=hm)
+    a, b, c = got["a"], got["b"], got["c"]
+    assert a is not None and a.manifests == (("m", hm), ("other", ho))  # the other kept
+    assert b is not None and b.manifests == (("m", hm),)
+    assert c is not None and c.manifests == ()  # hosts nothing: needs no files
+    dropped = assignments("other", {}, ["a"], {"a": a})["a"]
+    assert dropped is not None and dropped.manifests == (("m", hm),)  # a span gone, its hash too
+
+
 def test_keep_stable_keeps_the_applied_plan_unless_clearly_worse() -> None:
     model = model_of([10] * 12)
     three = [node("a", 10**6), node("b", 10**6), node("c", 10**6)]
@@ -590,12 +602,19 @@ def test_mesh_state_folds_contributors_and_assignments() -> None:
     assert state.fold(msg(topics.node_status("a.m.1"), status("a.m.1", model="m", end=3)))
     assert state.fold(msg(topics.node_status("c"), status("c", capacity={"cores": 2})))
     assert state.fold(msg(topics.node_status("d"), status("d", online=False)))
-    assert [e["node_id"] for e in state.entries()] == ["a", "b"]  # idle, live, with memory
-    before = state.key()
+    assert [e["node_id"] for e in state.entries("m")] == ["a", "b"]  # idle, live, with memory
+    before = state.key("m")
     assert state.fold(msg(topics.node_status("b"), b""))  # b left cleanly
-    assert [k for k, _ in state.key()] == ["a"] and state.key() != before
+    assert [k for k, _ in state.key("m")] == ["a"] and state.key("m") != before
     assert state.fold(msg(topics.node_status("a"), status("a", time=5.0)))
-    assert [k for k, _ in state.key()] == ["a"]  # a heartbeat is no change
+    assert [k for k, _ in state.key("m")] == ["a"]  # a heartbeat is no change
+    # Once "a" hosts 300 MB of model "m", a planner of "x" sees only what is left; the
+    # planner of "m" still counts it all (its own spans are its to move).
+    hosting = {"hosting": [{"model": "m", "start": 0, "end": 3, "bytes": 300 * 10**6}]}
+    assert state.fold(msg(topics.node_status("a"), status("a", load=hosting)))
+    assert state.entries("x")[0]["capacity"]["memory_bytes"] == GB - 300 * 10**6
+    assert state.entries("m")[0]["capacity"]["memory_bytes"] == GB
+    assert state.key("x") != state.key("m")
     a = Assignment((("m", 0, 3),), "p")
     assert state.fold(msg(topics.assign("a"), pack_assignment(a)))
     assert state.current == {"a": a}

@@ -68,6 +68,10 @@ def test_node_rights() -> None:
     assert allowed("node", "a", "read", t.ack("a")) and not allowed("node", "a", "read", t.ack("b"))
     assert allowed("node", "a", "write", t.ack("alice"))
     assert not allowed("node", "a", "read", t.client_result("alice"))
+    assert allowed("node", "a", "read", t.file_get("a"))  # serves its own files
+    assert not allowed("node", "a", "read", t.file_get("b"))
+    assert allowed("node", "a", "write", t.file_data("dev1.fetch"))
+    assert not allowed("node", "a", "write", t.file_get("b"))  # only contributors fetch
 
 
 def test_client_rights() -> None:
@@ -96,6 +100,9 @@ def test_contributor_and_planner_rights() -> None:
     assert not allowed("contributor", "dev1", "read", t.assign("dev2"))
     assert not allowed("contributor", "dev1", "write", t.assign("dev1"))
     assert not allowed("contributor", "dev1", "read", t.client_result("alice"))
+    assert allowed("contributor", "dev1", "write", t.file_get("dev2.smol.1"))
+    assert allowed("contributor", "dev1", "read", t.file_data("dev1.fetch"))
+    assert not allowed("client", "alice", "write", t.file_get("dev1.smol.1"))
     assert allowed("node", "a", "read", t.assign("a")) and not allowed(
         "node", "a", "read", t.assign("b")
     )
@@ -117,7 +124,7 @@ def test_every_topic_has_a_writer_and_a_reader() -> None:
     sample = {"model": "m", "layer": "2", "node_id": "a", "client_id": "a", "name": "a"}
     for spec in T.ALL_SPECS:
         topic = spec.pattern.format(root="jarvis", **sample)
-        roles = [(r, "a") for r in ("node", "client", "planner")]
+        roles = [(r, "a") for r in ("node", "contributor", "client", "planner")]
         assert any(allowed(r, u, "write", topic) for r, u in roles), spec.pattern
         assert any(allowed(r, u, "read", topic) for r, u in roles), spec.pattern
 

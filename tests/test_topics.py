@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jarvis_mqtt import topics as T
 from jarvis_mqtt.errors import ConfigError, WireError
 from jarvis_mqtt.membership import NodeStatus
 from jarvis_mqtt.topics import (
@@ -57,6 +58,8 @@ def test_builders_match_the_declared_patterns() -> None:
         "R/client/C/result": Topics("R").client_result("C"),
         "R/ack/A": Topics("R").ack("A"),
         "R/assign/N": Topics("R").assign("N"),
+        "R/file/N/get": Topics("R").file_get("N"),
+        "R/file/A/data": Topics("R").file_data("A"),
     }
     assert {spec.pattern.format(**fields) for spec in ALL_SPECS} == set(built.values())
     # Only node statuses and assignments are retained.
@@ -75,6 +78,8 @@ def test_parse_round_trip_and_multi_level_root() -> None:
     assert t.parse(t.ack("node-1")) == AckTopic("node-1")
     assert t.parse(t.node_status("n")) == NodeStatusTopic(NodeId("n"))
     assert t.parse(t.client_result("c")) == ClientResultTopic(ClientId("c"))
+    assert t.parse(t.file_get("n")) == T.FileGetTopic(NodeId("n"))
+    assert t.parse(t.file_data("n.fetch")) == T.FileDataTopic("n.fetch")
 
 
 @pytest.mark.parametrize(
@@ -185,6 +190,9 @@ def test_assignment_round_trip_and_validation() -> None:
 
     a = Assignment((("smollm2", 0, 10), ("gemma3", 4, 9)), plan="p1")
     assert unpack_assignment(pack_assignment(a)) == a
+    h = Assignment(a.spans, "p1", (("gemma3", "ab" * 32), ("smollm2", "cd" * 32)))
+    assert unpack_assignment(pack_assignment(h)) == h and h.manifest("gemma3") == "ab" * 32
+    assert h.manifest("other") is None
     assert unpack_assignment(pack_assignment(Assignment(()))) == Assignment(())
     for bad in (
         {"spans": [{"model": "m", "start": 5, "end": 5}]},
@@ -192,6 +200,49 @@ def test_assignment_round_trip_and_validation() -> None:
         {"spans": [{"model": "m", "start": 0, "end": 5}, {"model": "m", "start": 5, "end": 9}]},
         {"spans": "nope"},
         {},
+        {"spans": [], "manifests": {"m": "not-a-hash"}},
+        {"spans": [], "manifests": {"a/b": "ab" * 32}},
+        {"spans": [], "manifests": ["m"]},
     ):
         with pytest.raises(WireError):
             unpack_assignment(msgpack.packb(bad))
+
+
+def test_file_request_and_chunk_round_trip_and_validation() -> None:
+    rid = new_message_id()
+    req = T.FileRequest(rid, "smollm2", "layer_004.safetensors", 262144, 262144, "dev1.fetch")
+    assert T.unpack_file_request(T.pack_file_request(req)) == req
+    chunk = T.FileChunk(rid, 262144, 9_000_000, b"\x00\xff" * 100)
+    assert T.unpack_file_chunk(T.pack_file_chunk(chunk)) == chunk
+    refused = T.FileChunk(rid, error="layer_004.safetensors: not here")
+    assert T.unpack_file_chunk(T.pack_file_chunk(refused)) == refused
+    good = T.pack_file_request(req)
+    assert T.unpack_file_request(good).file == "layer_004.safetensors"
+    fields = dict(msgpack.unpackb(good))
+    for change in (
+        {"file": "../../etc/passwd"},  # no climbing out of the model directory
+        {"file": "a/b"},
+        {"file": ".hidden"},
+        {"file": ""},
+        {"length": 0},
+        {"length": T.MAX_FILE_CHUNK + 1},
+        {"offset": -1},
+        {"offset": True},
+        {"rid": "x"},
+        {"reply": "a/b"},
+        {"model": "+"},
+    ):
+        with pytest.raises(WireError):
+            T.unpack_file_request(msgpack.packb({**fields, **change}))
+    with pytest.raises(WireError):
+        T.unpack_file_request(b"\xc1")
+    cfields = dict(msgpack.unpackb(T.pack_file_chunk(chunk)))
+    for change in (
+        {"data": "text"},
+        {"data": bytes(T.MAX_FILE_CHUNK + 1)},
+        {"size": -5},
+        {"error": 3},
+        {"rid": None},
+    ):
+        with pytest.raises(WireError):
+            T.unpack_file_chunk(msgpack.packb({**cfields, **change}, use_bin_type=True))
