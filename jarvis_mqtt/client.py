@@ -194,14 +194,11 @@ class RemoteModel:
             except WireError:
                 continue
             if isinstance(parsed, T.NodeStatusTopic):
-                if not m.payload:
-                    self.view.forget(parsed.node_id)
-                else:
-                    try:
-                        self.view.update(T.unpack_status(m.payload))
-                    except WireError as e:
-                        log.debug("bad status: %s", e)
-                        continue
+                try:
+                    T.fold_status(self.view, parsed, m.payload)
+                except WireError as e:
+                    log.debug("bad status: %s", e)
+                    continue
                 self._view_changed.set()
             elif isinstance(parsed, T.ClientResultTopic):
                 self._on_result(m.payload)

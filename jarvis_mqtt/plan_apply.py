@@ -59,10 +59,7 @@ class MeshState:
         try:
             parsed = self.topics.parse(m.topic)
             if isinstance(parsed, T.NodeStatusTopic):
-                if m.payload:
-                    self.view.update(T.unpack_status(m.payload))
-                else:
-                    self.view.forget(parsed.node_id)
+                T.fold_status(self.view, parsed, m.payload)
                 return True
             if isinstance(parsed, T.AssignTopic):
                 if m.payload:

@@ -128,10 +128,7 @@ class ShardFetcher:
             try:
                 parsed = self.topics.parse(m.topic)
                 if isinstance(parsed, T.NodeStatusTopic):
-                    if m.payload:
-                        self.view.update(T.unpack_status(m.payload))
-                    else:
-                        self.view.forget(parsed.node_id)
+                    T.fold_status(self.view, parsed, m.payload)
                     self._seen.set()
                 elif isinstance(parsed, T.FileDataTopic):
                     chunk = T.unpack_file_chunk(m.payload)

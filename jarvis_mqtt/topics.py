@@ -28,7 +28,7 @@ from typing import Any, NewType, TypeGuard
 import msgpack
 
 from jarvis_mqtt.errors import ConfigError, WireError
-from jarvis_mqtt.membership import NodeStatus
+from jarvis_mqtt.membership import MeshView, NodeStatus
 
 NodeId = NewType("NodeId", str)
 SessionId = NewType("SessionId", str)
@@ -317,6 +317,14 @@ def unpack_status(payload: bytes) -> NodeStatus:
     if not is_name(status.node_id) or not (is_name(status.model) or status.idle):
         raise WireError(f"node status with a bad node id or model: {status.node_id!r}")
     return status
+
+
+def fold_status(view: MeshView, topic: NodeStatusTopic, payload: bytes) -> None:
+    """Take one status message into `view`: empty is a clean leave; WireError if malformed."""
+    if payload:
+        view.update(unpack_status(payload))
+    else:
+        view.forget(topic.node_id)
 
 
 @dataclass(frozen=True)

@@ -309,11 +309,8 @@ class NodeAgent:
         task.add_done_callback(self._answering.discard)
 
     def _on_status(self, parsed: T.NodeStatusTopic, m: MeshMessage) -> None:
-        if not m.payload:
-            self.view.forget(parsed.node_id)
-            return
         try:
-            self.view.update(T.unpack_status(m.payload))
+            T.fold_status(self.view, parsed, m.payload)
         except WireError as e:
             log.warning("%s: bad status on %s: %s", self.cfg.node_id, m.topic, e)
 
