@@ -351,6 +351,9 @@ class ModelDir:
         return path
 
     def _load(self, filename: str, verify: bool) -> dict[str, torch.Tensor]:
+        """The file's tensors, as views of one private mapping of it: the mapping, and every
+        page read through it (counted in the process's RSS), lives as long as any of them does.
+        A caller keeping weights keeps copies (see `runtime`), and no view, not even a norm's."""
         path = self.file(filename, verify)
         try:
             # safe_open maps the file; only this file's pages are ever read.
@@ -360,13 +363,13 @@ class ModelDir:
             raise CheckpointError(f"{filename}: unreadable safetensors: {e}") from e
 
     def load_layer(self, index: int, verify: bool = True) -> dict[str, torch.Tensor]:
-        """Tensors of decoder layer `index`, with names relative to the layer."""
+        """Tensors of decoder layer `index`, with names relative to the layer (mapped views)."""
         if not 0 <= index < self.num_layers:
             raise CheckpointError(f"{self.name}: layer {index} outside [0, {self.num_layers})")
         return self._load(self.manifest["layers"][str(index)], verify)
 
     def load_stage(self, verify: bool = True) -> dict[str, torch.Tensor]:
-        """Embedding, final norm and (when untied) LM head."""
+        """Embedding, final norm and (when untied) LM head (mapped views)."""
         return self._load(self.manifest.get("stage_file", STAGE_FILE), verify)
 
     def tokenizer(self) -> Tokenizer:

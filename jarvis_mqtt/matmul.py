@@ -37,13 +37,18 @@ def matmul_t(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, *(f.result() for f in futures)], dim=-1)
 
 
-def transposed(*weights: torch.Tensor) -> torch.Tensor:
-    """`cat(weights).t()` as one contiguous `(in, out)` tensor, written in place: no temporary
-    copy, whose freed pages the allocator would keep and the process would carry."""
+def transposed(*weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`cat(weights).t().to(dtype)` as one contiguous `(in, out)` tensor, written in place: no
+    temporary copy (cast or transposed), whose freed pages the allocator would keep and the
+    process would carry. The weights are only read: they may be views of a mapped file.
+
+    Without grad: copying from a `Parameter` would record an autograd graph on the result that
+    keeps every source weight alive (and a mapped file resident) as long as the copy lives."""
     rows = sum(w.shape[0] for w in weights)
-    out = torch.empty(weights[0].shape[1], rows, dtype=weights[0].dtype)
+    out = torch.empty(weights[0].shape[1], rows, dtype=dtype or weights[0].dtype)
     col = 0
-    for w in weights:
-        out[:, col : col + w.shape[0]].copy_(w.t())
-        col += w.shape[0]
+    with torch.no_grad():
+        for w in weights:
+            out[:, col : col + w.shape[0]].copy_(w.t())
+            col += w.shape[0]
     return out

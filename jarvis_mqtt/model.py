@@ -199,7 +199,11 @@ class ModelArgs:
 
 
 def _release(*linears: nn.Linear) -> None:
-    """Drop the loaded weights of projections that `fuse()` has copied (they are not used)."""
+    """Drop the loaded weights of projections that `fuse()` has copied (they are not used).
+
+    Loaded weights may be views of a memory-mapped file: the last reference dropped unmaps it,
+    and with it the file pages the copy read, which the process would otherwise keep resident.
+    """
     for proj in linears:
         proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
         proj.register_parameter("bias", None)
@@ -285,12 +289,15 @@ class Attention(nn.Module):
         self.qkv_bias: torch.Tensor | None = None
         self.o_t: torch.Tensor | None = None
 
-    def fuse(self) -> None:
-        """Replace the loaded projections by transposed, fused copies (fewer, faster GEMVs)."""
-        self.qkv_t = transposed(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+    def fuse(self, dtype: torch.dtype | None = None) -> None:
+        """Replace the loaded projections by transposed, fused copies (fewer, faster GEMVs),
+        cast to `dtype` (default: the loaded one) in the same copy."""
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        self.qkv_t = transposed(q.weight, k.weight, v.weight, dtype=dtype)
         if self.args.attention_bias:
-            self.qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        self.o_t = transposed(self.o_proj.weight)
+            with torch.no_grad():  # no graph holding the loaded biases, see `transposed`
+                self.qkv_bias = torch.cat([q.bias, k.bias, v.bias]).to(self.qkv_t.dtype)
+        self.o_t = transposed(self.o_proj.weight, dtype=dtype)
         _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
     def forward(
@@ -411,10 +418,11 @@ class MLP(nn.Module):
         self.gate_up_t: torch.Tensor | None = None
         self.down_t: torch.Tensor | None = None
 
-    def fuse(self) -> None:
-        """Replace the loaded projections by transposed copies, gate and up fused."""
-        self.gate_up_t = transposed(self.gate_proj.weight, self.up_proj.weight)
-        self.down_t = transposed(self.down_proj.weight)
+    def fuse(self, dtype: torch.dtype | None = None) -> None:
+        """Replace the loaded projections by transposed copies, gate and up fused, cast to
+        `dtype` (default: the loaded one) in the same copy."""
+        self.gate_up_t = transposed(self.gate_proj.weight, self.up_proj.weight, dtype=dtype)
+        self.down_t = transposed(self.down_proj.weight, dtype=dtype)
         _release(self.gate_proj, self.up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -441,6 +449,11 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
+
+    def fuse(self, dtype: torch.dtype | None = None) -> None:
+        """Fuse and transpose the projections of attention and MLP, see `Attention.fuse`."""
+        self.self_attn.fuse(dtype)
+        self.mlp.fuse(dtype)
 
     def forward(
         self,

@@ -2,6 +2,8 @@
 
 Each stage loads only its own tensors from the model directory (memory-mapped safetensors,
 hash-checked), on the meta device first so no memory is spent on weights it does not host.
+What a stage keeps is copied out of the mapping (projections transposed, see `fuse`), one file
+at a time, and no view of it survives: a mapping stays resident while any of its tensors lives.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 from jarvis_mqtt.errors import CacheMissError, SessionError
+from jarvis_mqtt.matmul import transposed
 from jarvis_mqtt.model import (
     DecoderLayer,
     LayerCache,
@@ -32,8 +35,24 @@ if TYPE_CHECKING:
 KV_CHUNK = 256  # positions: caches grow in multiples of this, doubling
 
 
-def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: (v if v.dtype == dtype else v.to(dtype)) for k, v in tensors.items()}
+def _owned(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A copy in `dtype` that owns its memory: not a view that would keep a file mapped."""
+    return tensor.to(dtype, copy=True)
+
+
+def _load_layer(layer: DecoderLayer, model_dir: ModelDir, dtype: torch.dtype) -> None:
+    """Load one layer's file into `layer` and fuse it; the file is unmapped on return.
+
+    Projection weights go in as views of the mapping and `fuse` copies them, transposed and
+    cast in one pass; the small tensors (norms, biases) are copied here.
+    """
+    tensors = model_dir.load_layer(layer.index)
+    for name, tensor in tensors.items():
+        if not name.endswith("_proj.weight"):
+            tensors[name] = _owned(tensor, dtype)
+    layer.load_state_dict(tensors, assign=True)
+    del tensors
+    layer.fuse(dtype)
 
 
 class EmbedStage(nn.Module):
@@ -42,7 +61,10 @@ class EmbedStage(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens: nn.Embedding | None = nn.Embedding(args.vocab_size, args.hidden_size)
+        # Built on the meta device and loaded; `_weight` skips the random init, which on meta
+        # tensors would import torch's Python meta kernels (see `LayerSpan._build_ropes`).
+        shape = (args.vocab_size, args.hidden_size)
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(*shape, _weight=torch.empty(shape))
         # With tied embeddings the head keeps the table transposed, (hidden, vocab), for fast
         # GEMVs; the embedding then gathers columns of that one copy instead of keeping two.
         self.table_t: torch.Tensor | None = None
@@ -85,16 +107,18 @@ def load_client_stages(
     """Load the embedding and head stages (what a client holds) from `stage.safetensors`."""
     args = ModelArgs.from_config(model_dir.config)
     dtype = dtype or model_dir.dtype
-    tensors = _cast(model_dir.load_stage(), dtype)
+    tensors = model_dir.load_stage()  # views of the mapped file: copy what is kept
     with torch.device("meta"):
         embed = EmbedStage(args)
         head = HeadStage(args)
-    embed.load_state_dict({"embed_tokens.weight": tensors["embed_tokens.weight"]}, assign=True)
-    head.load_state_dict({"norm.weight": tensors["norm.weight"]}, assign=True, strict=False)
+    norm = {"norm.weight": _owned(tensors["norm.weight"], dtype)}
+    head.load_state_dict(norm, assign=True, strict=False)
     if "lm_head.weight" in tensors:
-        head.lm_head_t = tensors["lm_head.weight"].t().contiguous()
+        head.lm_head_t = transposed(tensors["lm_head.weight"], dtype=dtype)
+        table = _owned(tensors["embed_tokens.weight"], dtype)
+        embed.load_state_dict({"embed_tokens.weight": table}, assign=True)
     else:  # tied: one transposed table serves both stages
-        head.lm_head_t = embed.table_t = tensors["embed_tokens.weight"].t().contiguous()
+        head.lm_head_t = embed.table_t = transposed(tensors["embed_tokens.weight"], dtype=dtype)
         embed.embed_tokens = None  # the meta placeholder is not needed
     head.lm_head = None
     return embed.eval(), head.eval()
@@ -150,6 +174,12 @@ class LayerSpan(nn.Module):
         self._build_ropes()
 
     def _build_ropes(self) -> None:
+        # Real CPU tensors even when the span is built on the meta device: computing on meta
+        # tensors would import torch's Python meta kernels (sympy and ~800 modules, ~67 MiB).
+        with torch.device("cpu"):
+            self._build_rope_tables()
+
+    def _build_rope_tables(self) -> None:
         a = self.args
         self._rope_global = RopeTable.build(
             a, a.rope_theta, self.max_seq_len, self.dtype, scaled=True
@@ -175,19 +205,16 @@ class LayerSpan(nn.Module):
         dtype = dtype or model_dir.dtype
         with torch.device("meta"):
             span = cls(args, start, end, dtype=dtype, **kwargs)  # type: ignore[arg-type]
-        span._build_ropes()  # RoPE tables must be real tensors, not meta ones
-        for layer in span.layers:
+        for layer in span.layers:  # layer by layer: one file mapped at a time
             assert isinstance(layer, DecoderLayer)
-            layer.load_state_dict(_cast(model_dir.load_layer(layer.index), dtype), assign=True)
-        span.fuse()
+            _load_layer(layer, model_dir, dtype)
         return span.eval()
 
     def fuse(self) -> None:
-        """Fuse projections after weights are in place."""
+        """Fuse projections after weights are in place (`load` does it as it goes)."""
         for layer in self.layers:
             assert isinstance(layer, DecoderLayer)
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+            layer.fuse(self.dtype)
 
     # -- sessions ------------------------------------------------------------------------------
 

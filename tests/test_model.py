@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import os
 import random
 
 import pytest
@@ -210,3 +212,25 @@ def test_bfloat16_runs_close_to_float32(tiny) -> None:  # type: ignore[no-untype
         outs.append(head(span(embed(ids), [Segment("s", 0, 4)])))
     assert outs[1].dtype == torch.float32  # logits are always float32
     assert torch.argmax(outs[0], -1).tolist() == torch.argmax(outs[1], -1).tolist()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_loaded_stages_keep_no_file_mapped(tiny) -> None:  # type: ignore[no-untyped-def]
+    """Weights are copied out of the mapped safetensors: a view left alive (a norm, or the
+    autograd graph of a copy from a Parameter) would keep a file's read pages resident."""
+    _, md = tiny
+
+    def mapped() -> list[str]:
+        gc.collect()
+        with open("/proc/self/maps") as f:
+            return [line.split()[-1] for line in f if str(md.path) in line]
+
+    for dtype in (torch.float32, torch.bfloat16):
+        embed, head = load_client_stages(md, dtype)
+        span = LayerSpan.load(md, 0, md.num_layers, dtype=dtype)
+        assert mapped() == []
+        for layer in span.layers:
+            fused = (layer.self_attn.qkv_t, layer.self_attn.o_t, layer.mlp.gate_up_t)
+            assert all(t is not None and t.grad_fn is None and t.dtype == dtype for t in fused)
+        assert head.lm_head_t is not None and head.lm_head_t.grad_fn is None
+        head(span(embed(torch.tensor([7, 8])), [Segment("s", 0, 2)]))
