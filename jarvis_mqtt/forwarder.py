@@ -8,6 +8,7 @@ the lost layers — and `on_ack` answers a receiver's request for a replay.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -25,6 +26,11 @@ from jarvis_mqtt.routing import next_hop
 from jarvis_mqtt.transport import MeshClient
 
 log = logging.getLogger("jarvis.forward")
+# A route that finds no live node is tried again for this long, reading statuses meanwhile:
+# after our own event loop was held up (a tokenizer loading, a long head) every heartbeat
+# we have not read yet looks stale, and the nodes are in fact there.
+ROUTE_GRACE = 2.0  # seconds: over the 1.5 s after which a silent node counts as gone
+ROUTE_RETRY = 0.05
 
 # (cid, sid, ref mid, code, text) -> None: how the owner reports a message it cannot deliver.
 OnError = Callable[[str, str, str, str, str], Awaitable[None]]
@@ -106,15 +112,20 @@ class Forwarder:
         replay_from: int | None = None,
     ) -> str | None:
         allow, never = skip_policy(p.fields["meta"])
-        try:
-            hop = next_hop(
-                self.view.live(self.model), p.layer, self.num_layers,
-                exclude=p.failed, prefer=prefer, allow_skip=allow, never_skip=never,
-                extra_load=Counter(self.next.values()),
-            )  # fmt: skip
-        except MeshError as e:
-            await self.on_error(p.fields["cid"], p.sid, p.mid or "", "no_route", str(e))
-            return None
+        give_up = time.monotonic() + ROUTE_GRACE
+        while True:
+            try:
+                hop = next_hop(
+                    self.view.live(self.model), p.layer, self.num_layers,
+                    exclude=p.failed, prefer=prefer, allow_skip=allow, never_skip=never,
+                    extra_load=Counter(self.next.values()),
+                )  # fmt: skip
+                break
+            except MeshError as e:
+                if time.monotonic() >= give_up:
+                    await self.on_error(p.fields["cid"], p.sid, p.mid or "", "no_route", str(e))
+                    return None
+            await asyncio.sleep(ROUTE_RETRY)
         skipped = tuple(sorted({*p.fields["skipped"], *hop.skipped}))
         meta = dict(p.fields["meta"])
         pos = p.pos
@@ -140,7 +151,7 @@ class Forwarder:
             out: wire.Message = wire.ResultMessage.from_tensor(
                 hidden[-1:], layer=self.num_layers, pos=pos + hidden.shape[0] - 1, **common
             )
-            await self._publish(self.topics.client_result(p.fields["cid"]), out)
+            await self._publish(self.topics.client_result(p.fields["cid"]), out, T.CLIENT_RESULT)
             return None
         msg = wire.ActivationMessage.from_tensor(hidden, layer=hop.enter, pos=pos, **common)
         self.next[p.sid] = hop.node_id
@@ -148,12 +159,13 @@ class Forwarder:
         p.fields = {**p.fields, "skipped": skipped}
         p.deadline = time.monotonic() + self.custody.ack_timeout
         self.custody.track(p)
-        await self._publish(self.topics.node_layer(self.model, hop.enter, hop.node_id), msg)
+        topic = self.topics.node_layer(self.model, hop.enter, hop.node_id)
+        await self._publish(topic, msg, T.NODE_LAYER)
         return hop.node_id
 
-    async def _publish(self, topic: str, msg: wire.Message) -> None:
+    async def _publish(self, topic: str, msg: wire.Message, spec: T.TopicSpec) -> None:
         try:
-            await self.mesh.publish(topic, wire.encode(msg), wait_all=False)
+            await self.mesh.publish(topic, wire.encode(msg), qos=spec.qos, wait_all=False)
         except JarvisError as e:  # custody re-sends it when the brokers are back
             log.warning("%s: publish on %s failed: %s", self.me, topic, e)
 
@@ -192,6 +204,6 @@ class Forwarder:
 async def send_ack(mesh: MeshClient, topics: T.Topics, to: str, ack: T.Ack) -> None:
     """Tell the sender `to` that `ack.by` passed its message on (or needs a replay)."""
     try:
-        await mesh.publish(topics.ack(to), T.pack_ack(ack), wait_all=False)
+        await mesh.publish(topics.ack(to), T.pack_ack(ack), qos=T.ACK.qos, wait_all=False)
     except JarvisError as e:
         log.warning("ack to %s not sent: %s", to, e)

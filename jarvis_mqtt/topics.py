@@ -95,6 +95,10 @@ class TopicSpec:
     qos: int = 1
 
 
+# The hot path (activations, results, acks) is QoS 0: each message goes to every broker and
+# the sender keeps it until the receiver's own ack (custody), re-sending on a deadline, so a
+# per-hop PUBACK would add two packets and a round trip per broker and guarantee nothing more
+# (clean sessions drop in-flight QoS 1 messages with their connection anyway).
 LAYER = TopicSpec("{root}/m/{model}/layer/{layer}", "wire.ActivationMessage")
 # Replicas host the same layers but hold different sessions' caches: senders address one node.
 NODE_LAYER = TopicSpec("{root}/m/{model}/layer/{layer}/{node_id}", "wire.ActivationMessage")

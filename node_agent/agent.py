@@ -39,6 +39,7 @@ HEARTBEAT_LATE = 0.5  # seconds: a heartbeat this late means the event loop was 
 ACTIVE_FOR = 1.0  # seconds: a session that sent nothing for this long is not waited for
 WAVE_POLL = 0.0005  # seconds between looks at the inbox while a wave gathers
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
+MAX_SENDING = 4  # computed waves being passed on at once; the next forward waits beyond that
 MAX_FILE_ANSWERS = 32  # file pieces being read and sent at once; more requests wait
 
 
@@ -88,7 +89,8 @@ class NodeAgent:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"span-{cfg.node_id}")
         self._forwarder: Forwarder | None = None  # set once the mesh is up
         self._draining = False  # leaving: accept nothing new
-        self._busy = False  # a batch is being computed or sent on
+        self._busy = False  # a batch is being computed
+        self._sending: set[asyncio.Task[None]] = set()  # waves computed, being passed on
         self._recent: dict[str, float] = {}  # session -> when its last message arrived
         self._span: LayerSpan | None = None
         self._mesh: MeshClient | None = None
@@ -222,7 +224,7 @@ class NodeAgent:
         try:
             async with asyncio.timeout(self.cfg.graceful_timeout):
                 # Polled: custody changes in several places; this runs once, at shutdown.
-                while self._busy or (forwarder is not None and forwarder.custody.pending):  # noqa: ASYNC110
+                while self._busy or self._sending or (forwarder and forwarder.custody.pending):  # noqa: ASYNC110
                     await asyncio.sleep(CUSTODY_TICK)
         except TimeoutError:
             log.warning("%s: left with messages not yet acknowledged", self.cfg.node_id)
@@ -487,9 +489,23 @@ class NodeAgent:
             self._busy = True
             try:
                 outcomes = await loop.run_in_executor(self._worker, self._forward, batch)
-                await asyncio.gather(*(self._send_on(mesh, o) for o in outcomes))
             finally:
                 self._busy = False
+            # Passed on in the background: the next wave's forward need not wait for the
+            # publishes and acks of this one (a session has one step here at a time).
+            task = asyncio.create_task(self._send_wave(mesh, outcomes), name="send wave")
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+            if len(self._sending) >= MAX_SENDING:
+                await asyncio.wait(set(self._sending), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _send_wave(self, mesh: MeshClient, outcomes: list[Outcome]) -> None:
+        results = await asyncio.gather(
+            *(self._send_on(mesh, o) for o in outcomes), return_exceptions=True
+        )
+        for o, r in zip(outcomes, results, strict=True):
+            if isinstance(r, Exception):  # custody re-sends it; the node keeps serving
+                log.error("%s: passing on %s failed", self.cfg.node_id, o.work.msg.mid, exc_info=r)
 
     async def _gather_wave(self) -> None:
         """With several sessions active, wait (at most `batch_wait`) until each has a step
@@ -540,8 +556,9 @@ class NodeAgent:
             )  # fmt: skip
             try:
                 await mesh.publish(
-                    self.topics.client_result(msg.cid), wire.encode(out), wait_all=False
-                )
+                    self.topics.client_result(msg.cid), wire.encode(out),
+                    qos=T.CLIENT_RESULT.qos, wait_all=False,
+                )  # fmt: skip
             except JarvisError as e:
                 log.warning("%s: could not send result %s: %s", cfg.node_id, msg.mid, e)
                 return  # no ack: the sender still holds it and will re-send
