@@ -99,17 +99,17 @@ class TopicSpec:
 # the sender keeps it until the receiver's own ack (custody), re-sending on a deadline, so a
 # per-hop PUBACK would add two packets and a round trip per broker and guarantee nothing more
 # (clean sessions drop in-flight QoS 1 messages with their connection anyway).
-LAYER = TopicSpec("{root}/m/{model}/layer/{layer}", "wire.ActivationMessage")
+LAYER = TopicSpec("{root}/m/{model}/layer/{layer}", "wire.ActivationMessage", qos=0)
 # Replicas host the same layers but hold different sessions' caches: senders address one node.
-NODE_LAYER = TopicSpec("{root}/m/{model}/layer/{layer}/{node_id}", "wire.ActivationMessage")
+NODE_LAYER = TopicSpec("{root}/m/{model}/layer/{layer}/{node_id}", "wire.ActivationMessage", qos=0)
 SESSION_FREE = TopicSpec("{root}/m/{model}/free", "msgpack list[SessionId]")
 NODE_STATUS = TopicSpec("{root}/node/{node_id}/status", "msgpack NodeStatus", retained=True)
 CLIENT_RESULT = TopicSpec(
-    "{root}/client/{client_id}/result", "wire.ResultMessage | wire.ErrorMessage"
+    "{root}/client/{client_id}/result", "wire.ResultMessage | wire.ErrorMessage", qos=0
 )
 # A node acknowledges to whoever sent it an activation (the node before it, or the client) once
 # it has passed its output on; the sender keeps the message until then (chain of custody).
-ACK = TopicSpec("{root}/ack/{name}", "msgpack Ack")
+ACK = TopicSpec("{root}/ack/{name}", "msgpack Ack", qos=0)
 # What a planner wants a contributor node to host; retained so a node that restarts finds it.
 ASSIGN = TopicSpec("{root}/assign/{node_id}", "msgpack Assignment", retained=True)
 # Layer files travel between nodes: a contributor assigned layers it lacks asks a node that has
