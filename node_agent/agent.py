@@ -37,7 +37,6 @@ from node_agent.config import NodeConfig
 log = logging.getLogger("jarvis.node")
 HEARTBEAT_LATE = 0.5  # seconds: a heartbeat this late means the event loop was blocked
 ACTIVE_FOR = 1.0  # seconds: a session that sent nothing for this long is not waited for
-WAVE_POLL = 0.0005  # seconds between looks at the inbox while a wave gathers
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
 MAX_SENDING = 4  # computed waves being passed on at once; the next forward waits beyond that
 MAX_FILE_ANSWERS = 32  # file pieces being read and sent at once; more requests wait
@@ -85,6 +84,8 @@ class NodeAgent:
         self.ready = asyncio.Event()
         self._inbox: collections.deque[Work] = collections.deque()
         self._has_work = asyncio.Event()
+        self._arrived = asyncio.Event()  # set on every accepted activation
+        self._forward_s = 0.0  # moving average of a forward's duration, seconds
         # One thread owns the span (weights and KV caches): forwards, frees and expiry queue up.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"span-{cfg.node_id}")
         self._forwarder: Forwarder | None = None  # set once the mesh is up
@@ -359,6 +360,7 @@ class NodeAgent:
         self._inbox.append(Work(msg, hidden, time.time(), _replay_steps(msg)))
         self._recent[msg.sid] = time.monotonic()
         self._has_work.set()
+        self._arrived.set()
 
     def _invalid(self, msg: wire.ActivationMessage, parsed: T.LayerTopic) -> str | None:
         cfg = self.cfg
@@ -487,10 +489,14 @@ class NodeAgent:
             if not batch or self._draining:
                 continue
             self._busy = True
+            t0 = loop.time()
             try:
                 outcomes = await loop.run_in_executor(self._worker, self._forward, batch)
             finally:
                 self._busy = False
+            if all(w.msg.n_tokens == 1 for w in batch):  # decode: what a straggler would cost
+                took = loop.time() - t0
+                self._forward_s = 0.8 * self._forward_s + 0.2 * took if self._forward_s else took
             # Passed on in the background: the next wave's forward need not wait for the
             # publishes and acks of this one (a session has one step here at a time).
             task = asyncio.create_task(self._send_wave(mesh, outcomes), name="send wave")
@@ -508,22 +514,28 @@ class NodeAgent:
                 log.error("%s: passing on %s failed", self.cfg.node_id, o.work.msg.mid, exc_info=r)
 
     async def _gather_wave(self) -> None:
-        """With several sessions active, wait (at most `batch_wait`) until each has a step
-        waiting: decode is bound by reading the weights, so k sessions in one forward cost
-        little more than one, and once together they stay together down the pipeline."""
+        """With several sessions active, wait until each has a step waiting: decode is bound
+        by reading the weights, so k sessions in one forward cost little more than one, and
+        once together they stay together down the pipeline. A straggler is waited for at
+        most as long as a forward takes (`batch_wait` at most): longer, and waiting would
+        cost more than the forward it saves."""
         if self.cfg.batch_wait <= 0:
             return
+        loop = asyncio.get_running_loop()
         now = time.monotonic()
         for sid in [s for s, t in self._recent.items() if now - t > ACTIVE_FOR]:
             del self._recent[sid]
         active = len(self._recent)
-        deadline = now + self.cfg.batch_wait
-        while active > 1 and time.monotonic() < deadline:
-            if len({w.msg.sid for w in self._inbox}) >= active:
-                return
+        deadline = loop.time() + min(self.cfg.batch_wait, self._forward_s)
+        while active > 1 and len({w.msg.sid for w in self._inbox}) < active:
             if any(w.replay_steps is not None for w in self._inbox):
                 return  # a replay runs alone anyway
-            await asyncio.sleep(WAVE_POLL)
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
 
     async def _send_on(self, mesh: MeshClient, o: Outcome) -> None:
         msg = o.work.msg

@@ -25,9 +25,11 @@ class NodeConfig:
     max_seq_len: int = 2048  # tokens per session
     session_ttl: float = 600.0  # seconds idle before a session's cache is freed
     max_batch_tokens: int = 2048  # rows packed into one forward step
-    # With several sessions active, wait up to this long for the others' next step, so that
-    # they share one forward (one pass over the weights) instead of one forward each.
-    batch_wait: float = 0.004  # seconds; 0: never wait
+    # With several sessions active, wait for the others' next step, so that they share one
+    # forward (one pass over the weights) instead of one forward each: at most as long as a
+    # forward takes (waiting longer costs more than the forward it saves), and never more
+    # than this.
+    batch_wait: float = 0.05  # seconds; 0: never wait
     max_payload_bytes: int = 64 << 20  # larger messages are refused
     heartbeat: float = 0.5  # seconds between status refreshes; 3 missed = silently gone
     keepalive: int = 5  # MQTT keepalive, seconds; the broker sends the will after 1.5x

@@ -36,8 +36,9 @@ def add_node_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--session-ttl", type=float, default=600.0, help="seconds idle")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument(
-        "--batch-wait-ms", type=float, default=4.0,
-        help="with several sessions active, wait this long for them to share a forward step",
+        "--batch-wait-ms", type=float, default=50.0,
+        help="with several sessions active, wait at most this long (and at most one forward's "
+        "time) for them to share a forward step",
     )  # fmt: skip
     p.add_argument("--max-payload-mb", type=int, default=64)
     p.add_argument("--heartbeat", type=float, default=0.5, help="seconds")
