@@ -35,15 +35,42 @@ CHUNK = 256 << 10  # bytes asked for at once
 WINDOW = 8  # pieces in flight from one source
 PIECE_TIMEOUT = 5.0  # seconds a source may take to answer one piece (asked twice)
 SOURCES_TIMEOUT = 10.0  # seconds to wait for a live node that could have a file
+MAX_ANSWERING = 32  # pieces a node reads and sends at once; more requests wait
 MAX_MANIFEST = 16 << 20  # bytes; a manifest is a few KiB
 
 
 class FileServer:
-    """Pieces of the files of one model directory, for whoever asks (pure but for reads)."""
+    """Pieces of the files of one model directory, for whoever asks."""
 
-    def __init__(self, model_dir: Path, model: str) -> None:
+    def __init__(self, model_dir: Path, model: str, name: str = "") -> None:
         self.model_dir = Path(model_dir)
         self.model = model
+        self.name = name  # who serves, for the log
+        self._slots = asyncio.Semaphore(MAX_ANSWERING)
+        self._answering: set[asyncio.Task[None]] = set()
+
+    async def offer(self, mesh: MeshClient, topics: T.Topics, payload: bytes) -> None:
+        """Take one request off the receive loop: answered by a task, `MAX_ANSWERING` at once."""
+        try:
+            req = T.unpack_file_request(payload)
+        except WireError as e:
+            log.warning("%s: bad file request: %s", self.name, e)
+            return
+        await self._slots.acquire()  # back-pressure: an asker has only a few in flight
+
+        async def reply() -> None:
+            try:
+                chunk = await self.answer(req)
+                if chunk.error:
+                    log.warning("%s: file request refused: %s", self.name, chunk.error)
+                with contextlib.suppress(JarvisError):
+                    await mesh.publish(topics.file_data(req.reply), T.pack_file_chunk(chunk))
+            finally:
+                self._slots.release()
+
+        task = asyncio.create_task(reply(), name=f"file {req.file}@{req.offset}")
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
 
     async def answer(self, req: T.FileRequest) -> T.FileChunk:
         """The piece `req` asks for, or a chunk whose `error` says why not."""

@@ -39,7 +39,6 @@ HEARTBEAT_LATE = 0.5  # seconds: a heartbeat this late means the event loop was 
 ACTIVE_FOR = 1.0  # seconds: a session that sent nothing for this long is not waited for
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
 MAX_SENDING = 4  # computed waves being passed on at once; the next forward waits beyond that
-MAX_FILE_ANSWERS = 32  # file pieces being read and sent at once; more requests wait
 
 
 @dataclass
@@ -98,8 +97,6 @@ class NodeAgent:
         self._num_layers = 0
         self._hidden = 0
         self._files: FileServer | None = None
-        self._file_slots = asyncio.Semaphore(MAX_FILE_ANSWERS)
-        self._answering: set[asyncio.Task[None]] = set()
 
     @property
     def num_layers(self) -> int:
@@ -144,7 +141,7 @@ class NodeAgent:
             raise MeshError(f"layers [{cfg.start}, {cfg.end}) not in a {md.num_layers}-layer model")
         self._num_layers = md.num_layers
         self._hidden = int(md.config["hidden_size"])
-        self._files = FileServer(md.path, cfg.model)
+        self._files = FileServer(md.path, cfg.model, name=cfg.node_id)
         dtype = dtype_from_name(cfg.dtype) if cfg.dtype else None
         t0 = time.perf_counter()
         self._span = await loop.run_in_executor(
@@ -285,31 +282,8 @@ class NodeAgent:
                     continue
                 await self._forwarder.on_ack(ack)
             elif isinstance(parsed, T.FileGetTopic):
-                await self._on_file_get(mesh, m)
-
-    async def _on_file_get(self, mesh: MeshClient, m: MeshMessage) -> None:
-        """Answer a request for a piece of a model file, off the receive loop."""
-        try:
-            req = T.unpack_file_request(m.payload)
-        except WireError as e:
-            log.warning("%s: bad file request: %s", self.cfg.node_id, e)
-            return
-        await self._file_slots.acquire()  # back-pressure: the asker has only a few in flight
-
-        async def answer() -> None:
-            try:
                 assert self._files is not None
-                chunk = await self._files.answer(req)
-                if chunk.error:
-                    log.warning("%s: file request refused: %s", self.cfg.node_id, chunk.error)
-                with contextlib.suppress(JarvisError):
-                    await mesh.publish(self.topics.file_data(req.reply), T.pack_file_chunk(chunk))
-            finally:
-                self._file_slots.release()
-
-        task = asyncio.create_task(answer(), name=f"file {req.file}@{req.offset}")
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
+                await self._files.offer(mesh, self.topics, m.payload)
 
     def _on_status(self, parsed: T.NodeStatusTopic, m: MeshMessage) -> None:
         try:
