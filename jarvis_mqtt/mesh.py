@@ -142,6 +142,11 @@ class LocalMesh:
         """Start brokers, then nodes; wait until all nodes are online."""
         from jarvis_mqtt.checkpoint import ModelDir
 
+        if self.brokers or self.broker_procs or self.nodes:
+            # A second start would put new processes in the records of the first ones,
+            # which `stop` could then no longer reach.
+            raise MeshError("this mesh is already started (`with LocalMesh(...)` starts it)")
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
         md = ModelDir.open(
             self.model if self.models_dir is None else str(self.models_dir / self.model)
@@ -175,7 +180,15 @@ class LocalMesh:
         return cmd + self.node_args
 
     def start_node(self, node_id: str, start: int, end: int) -> NodeProc:
-        """Start (or restart) one node agent process; it logs to the run dir."""
+        """Start (or restart) one node agent process; it logs to the run dir.
+
+        A node already running under `node_id` is stopped first: its record is replaced.
+        """
+        for old in [n for n in self.nodes if n.node_id == node_id]:
+            stop_pid(old.pid)
+            proc = self._popen.pop(old.pid, None)
+            if proc is not None:
+                proc.wait()
         log = self.run_dir / f"{node_id}.log"
         cmd = self.node_command(node_id, start, end)
         with log.open("ab") as out:

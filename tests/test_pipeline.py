@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -18,6 +19,7 @@ from jarvis_mqtt import topics as T
 from jarvis_mqtt import wire
 from jarvis_mqtt.checkpoint import ModelDir
 from jarvis_mqtt.client import RemoteModel
+from jarvis_mqtt.errors import MeshError
 from jarvis_mqtt.generate import LocalModel
 from jarvis_mqtt.mesh import LocalMesh
 from jarvis_mqtt.sampling import SamplingParams
@@ -242,3 +244,16 @@ def test_missing_layers_named_with_timeout(smollm2_dir: ModelDir, tmp_path: Path
             asyncio.run(go())
     finally:
         mesh.stop()
+
+
+def test_local_mesh_keeps_track_of_every_process(smol_mesh: LocalMesh) -> None:
+    """Runs last in this module: it restarts a node of the shared mesh."""
+    with pytest.raises(MeshError, match="already started"):
+        smol_mesh.start()  # a second start must not orphan the processes of the first
+    old = smol_mesh.node("node-5")
+    new = smol_mesh.start_node("node-5", old.start, old.end)  # a restart stops the old one
+    with pytest.raises(ProcessLookupError):  # stopped and reaped
+        os.kill(old.pid, 0)
+    assert new.pid != old.pid
+    smol_mesh.wait_ready(["node-5"])
+    assert [n.node_id for n in smol_mesh.nodes].count("node-5") == 1
