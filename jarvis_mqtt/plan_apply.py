@@ -140,10 +140,8 @@ async def watch(
         it = aiter(mesh.messages())
         await _settle(it, state, settings)
         planned: tuple[tuple[str, str], ...] | None = None
-        seen, changed_at = (
-            state.key(settings.model),
-            -float("inf"),
-        )  # what was read at start is settled
+        seen = state.key(settings.model)
+        changed_at = -float("inf")  # what was read at start is settled
         out(f"watching contributors for {settings.model} ({len(seen)} now)")
         while not stop.is_set():
             m = await _next(it, TICK)

@@ -24,7 +24,7 @@ from typing import Self
 
 from jarvis_mqtt import topics as T
 from jarvis_mqtt.brokers import BrokerAddress
-from jarvis_mqtt.checkpoint import MANIFEST, ModelDir, read_json, sha256_file
+from jarvis_mqtt.checkpoint import MANIFEST, ModelDir, sha256_file
 from jarvis_mqtt.errors import CheckpointError, JarvisError, WireError
 from jarvis_mqtt.membership import MeshView, NodeStatus
 from jarvis_mqtt.transport import MeshClient
@@ -42,9 +42,10 @@ MAX_MANIFEST = 16 << 20  # bytes; a manifest is a few KiB
 class FileServer:
     """Pieces of the files of one model directory, for whoever asks."""
 
-    def __init__(self, model_dir: Path, model: str, name: str = "") -> None:
-        self.model_dir = Path(model_dir)
-        self.model = model
+    def __init__(self, md: ModelDir, name: str = "") -> None:
+        self.model_dir = md.path
+        self.model = md.name
+        self.files = frozenset([MANIFEST, *md.manifest["files"]])  # what may be asked for
         self.name = name  # who serves, for the log
         self._slots = asyncio.Semaphore(MAX_ANSWERING)
         self._answering: set[asyncio.Task[None]] = set()
@@ -76,11 +77,7 @@ class FileServer:
         """The piece `req` asks for, or a chunk whose `error` says why not."""
         if req.model != self.model:
             return T.FileChunk(req.rid, error=f"model {req.model!r} is not served here")
-        try:
-            listed = read_json(self.model_dir / MANIFEST).get("files", {})
-        except CheckpointError as e:
-            return T.FileChunk(req.rid, error=str(e))
-        if req.file != MANIFEST and req.file not in listed:
+        if req.file not in self.files:
             return T.FileChunk(req.rid, error=f"{req.file}: not a file of {self.model}")
         try:
             size, data = await asyncio.to_thread(_read, self.model_dir / req.file, req)
@@ -186,13 +183,8 @@ class ShardFetcher:
             dest.mkdir(parents=True, exist_ok=True)
             await self.fetch_file(dest, model, MANIFEST, manifest_sha256, None, layer=None)
             local = ModelDir.open(dest)
-        for index, name in zip(range(start, end), local.layer_files(start, end), strict=True):
+        for index, name in await asyncio.to_thread(_missing, local, start, end):
             entry = local.manifest["files"][name]
-            try:
-                await asyncio.to_thread(local.file, name)
-                continue
-            except CheckpointError:
-                pass
             await self.fetch_file(dest, model, name, entry["sha256"], entry["bytes"], index)
         return local
 
@@ -315,14 +307,18 @@ def _open_if_matches(dest: Path, manifest_sha256: str | None) -> ModelDir | None
         return None
 
 
+def _missing(local: ModelDir, start: int, end: int) -> list[tuple[int, str]]:
+    """(layer, file name) of the layers in `[start, end)` whose file is absent or damaged."""
+    missing = []
+    for index, name in zip(range(start, end), local.layer_files(start, end), strict=True):
+        try:
+            local.file(name)
+        except CheckpointError:
+            missing.append((index, name))
+    return missing
+
+
 def have_files(dest: Path, manifest_sha256: str | None, start: int, end: int) -> bool:
     """Whether `dest` has the wanted manifest and intact files of layers `[start, end)`."""
     local = _open_if_matches(dest, manifest_sha256)
-    if local is None:
-        return False
-    try:
-        for name in local.layer_files(start, end):
-            local.file(name)
-    except CheckpointError:
-        return False
-    return True
+    return local is not None and not _missing(local, start, end)

@@ -97,6 +97,7 @@ class NodeAgent:
         self._num_layers = 0
         self._hidden = 0
         self._files: FileServer | None = None
+        self.shard_bytes = 0  # bytes of its layers' files, once loaded
 
     @property
     def num_layers(self) -> int:
@@ -141,7 +142,8 @@ class NodeAgent:
             raise MeshError(f"layers [{cfg.start}, {cfg.end}) not in a {md.num_layers}-layer model")
         self._num_layers = md.num_layers
         self._hidden = int(md.config["hidden_size"])
-        self._files = FileServer(md.path, cfg.model, name=cfg.node_id)
+        self._files = FileServer(md, name=cfg.node_id)
+        self.shard_bytes = md.shard_bytes(cfg.start, cfg.end, include_stage=False)
         dtype = dtype_from_name(cfg.dtype) if cfg.dtype else None
         t0 = time.perf_counter()
         self._span = await loop.run_in_executor(
@@ -488,11 +490,11 @@ class NodeAgent:
                 log.error("%s: passing on %s failed", self.cfg.node_id, o.work.msg.mid, exc_info=r)
 
     async def _gather_wave(self) -> None:
-        """With several sessions active, wait until each has a step waiting: decode is bound
-        by reading the weights, so k sessions in one forward cost little more than one, and
-        once together they stay together down the pipeline. A straggler is waited for at
-        most as long as a forward takes (`batch_wait` at most): longer, and waiting would
-        cost more than the forward it saves."""
+        """With several sessions active, wait until each has a step waiting: k sessions in
+        one forward share one pass over the weights (what that saves depends on the CPU's
+        small-matrix kernels), and once together they stay together down the pipeline. A
+        straggler is waited for at most as long as a forward takes (`batch_wait` at most):
+        longer, and waiting would cost more than the forward it saves."""
         if self.cfg.batch_wait <= 0:
             return
         loop = asyncio.get_running_loop()

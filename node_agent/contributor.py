@@ -208,8 +208,7 @@ class Contributor:
             ready.cancel()
             raise JarvisError(f"{cfg.node_id} stopped before it was ready")
         log.info("%s: hosting %s layers [%d, %d)", self.base.node_id, model, *span)
-        md = ModelDir.open((cfg.models_dir or models_root()) / model)
-        used = md.shard_bytes(*span, include_stage=False) + cfg.kv_budget_bytes
+        used = agent.shard_bytes + cfg.kv_budget_bytes
         self.hosted[model] = Hosted(span, agent, task, used)
 
     async def _guard(self, agent: NodeAgent) -> None:
