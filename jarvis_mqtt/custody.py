@@ -44,7 +44,13 @@ class Pending:
     n: int
     fields: Mapping[str, Any]  # cid, model, route, skipped, meta: what a re-send reuses
     deadline: float  # monotonic seconds
-    failed: set[str] = field(default_factory=set)  # nodes that died holding this message
+    # Nodes that died holding this message -> when we gave up on them (monotonic). One judged
+    # dead by silence that beats again afterwards was only starved: it may take the message.
+    failed: dict[str, float] = field(default_factory=dict)
+
+    def excluded(self, view: MeshView) -> set[str]:
+        """Failed nodes not heard from since they failed."""
+        return {n for n, t in self.failed.items() if view.seen.get(n, float("-inf")) <= t}
 
 
 @dataclass

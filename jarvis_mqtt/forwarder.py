@@ -114,15 +114,19 @@ class Forwarder:
         allow, never = skip_policy(p.fields["meta"])
         give_up = time.monotonic() + ROUTE_GRACE
         while True:
+            gone = p.excluded(self.view)
             try:
                 hop = next_hop(
                     self.view.live(self.model), p.layer, self.num_layers,
-                    exclude=p.failed, prefer=prefer, allow_skip=allow, never_skip=never,
+                    exclude=gone, prefer=prefer, allow_skip=allow, never_skip=never,
                     extra_load=Counter(self.next.values()),
                 )  # fmt: skip
                 break
             except MeshError as e:
-                if time.monotonic() >= give_up:
+                # A node we gave up on for its silence, and not yet stale or offline, may
+                # still be only starved: wait for its next beat rather than fail the request.
+                live = {s.node_id for s in self.view.live(self.model)}
+                if time.monotonic() >= give_up and not gone & live:
                     await self.on_error(p.fields["cid"], p.sid, p.mid or "", "no_route", str(e))
                     return None
             await asyncio.sleep(ROUTE_RETRY)
@@ -184,7 +188,7 @@ class Forwarder:
             if rows is None:
                 continue  # the session was freed meanwhile
             if why == "dead":
-                p.failed.add(p.node)
+                p.failed[p.node] = time.monotonic()
                 self.failovers += 1
                 heard = self.view.seen.get(p.node)
                 silence = (

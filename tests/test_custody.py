@@ -157,3 +157,16 @@ def test_history_keeps_the_original_steps_for_a_replay() -> None:
     assert h.steps("r", 0, 6) == [4, 1, 1]
     h.store("q", 0, torch.zeros(3, 1), steps=[1, 1])  # steps that do not add up: one step
     assert h.steps("q", 0, 3) == [3]
+
+
+def test_a_node_given_up_for_silence_is_taken_back_once_it_beats_again() -> None:
+    view, c = MeshView(), Custody()
+    view.update(status("a"), now=0.0)
+    view.update(status("b"), now=0.0)
+    c.track(pending("m1", "a", 0.0))
+    [(t, p, why)] = run_ticks(c, view, 0.0, 2.0, {"b": 0.5})
+    assert why == "dead"
+    p.failed["a"] = t  # what the forwarder records when it gives up on "a"
+    assert p.excluded(view) == {"a"}
+    view.update(status("a"), now=t + 0.3)  # it was only starved: its heartbeat arrives
+    assert p.excluded(view) == set()
