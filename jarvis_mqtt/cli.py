@@ -46,7 +46,7 @@ def apply_auth_flags(a: argparse.Namespace) -> None:
     """Hand the flags to every MeshClient of this process through its environment."""
     from pathlib import Path as _Path
 
-    from jarvis_mqtt.transport import ENV_PASSWORD, ENV_TLS_CA, ENV_USERNAME
+    from jarvis_mqtt.mesh_auth import ENV_PASSWORD, ENV_TLS_CA, ENV_USERNAME
 
     if getattr(a, "username", None):
         os.environ[ENV_USERNAME] = a.username

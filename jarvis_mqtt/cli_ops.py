@@ -80,7 +80,7 @@ def cmd_wait_nodes(a: argparse.Namespace) -> int:
     from jarvis_mqtt.brokers import parse_brokers
     from jarvis_mqtt.client import wait_for_nodes
 
-    # Credentials come from $JARVIS_MQTT_USERNAME/PASSWORD/TLS_CA (see transport.MeshAuth).
+    # Credentials come from $JARVIS_MQTT_USERNAME/PASSWORD/TLS_CA (see mesh_auth.MeshAuth).
     asyncio.run(wait_for_nodes(parse_brokers(a.broker), a.topic_root, a.node_id, a.timeout))
     print(f"online: {', '.join(a.node_id)}")
     return 0

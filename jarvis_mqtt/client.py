@@ -28,9 +28,10 @@ from jarvis_mqtt.errors import MeshError, WireError
 from jarvis_mqtt.forwarder import Forwarder
 from jarvis_mqtt.generate import Generation, TokenEvent
 from jarvis_mqtt.membership import MeshView, format_layers
+from jarvis_mqtt.mesh_auth import ENV_USERNAME
 from jarvis_mqtt.runtime import load_client_stages
 from jarvis_mqtt.sampling import SamplingParams
-from jarvis_mqtt.transport import ENV_USERNAME, MeshClient
+from jarvis_mqtt.transport import MeshClient
 
 log = logging.getLogger("jarvis.client")
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died

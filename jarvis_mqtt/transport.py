@@ -5,107 +5,34 @@ publishes every message to all connected brokers and merges what they deliver, d
 copies by message id. There are no bridges: losing a broker loses nothing while another one is
 up. Messages of one publisher keep their order on each broker, not across brokers.
 
-With a deployed mesh every connection authenticates (`MeshAuth`: username, password, TLS with
+With a deployed mesh every connection authenticates (`mesh_auth.MeshAuth`: username, password, TLS with
 the mesh's own CA); what each user may read and write is the brokers' ACL (`security.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import hashlib
 import logging
-import os
 import random
 import socket
-import ssl
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import aiomqtt
 
-from jarvis_mqtt import wire
 from jarvis_mqtt.brokers import BrokerAddress
+from jarvis_mqtt.dedup import DedupKey, RecentKeys, default_dedup_key
 from jarvis_mqtt.errors import ConfigError, MeshError, WireError
+from jarvis_mqtt.mesh_auth import MeshAuth
 
 log = logging.getLogger(__name__)
 
-DedupKey = Callable[[str, bytes], bytes | None]
 MAX_MQTT_PAYLOAD = 268_435_455 - 65_536  # MQTT's remaining-length limit, less header room
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 _RECANCEL_AFTER = 1.0  # seconds a link may take to stop before it is cancelled again
-# What a process reads when its caller passes no credentials: a deployed node or client gets
-# them from a mode-0600 environment file, never from its command line (visible in `ps`).
-ENV_USERNAME = "JARVIS_MQTT_USERNAME"
-ENV_PASSWORD = "JARVIS_MQTT_PASSWORD"
-ENV_TLS_CA = "JARVIS_MQTT_TLS_CA"
-ENV_TLS_CERT = "JARVIS_MQTT_TLS_CERT"
-ENV_TLS_KEY = "JARVIS_MQTT_TLS_KEY"
-
-
-@dataclass(frozen=True, kw_only=True)
-class MeshAuth:
-    """Credentials and TLS settings used for every broker connection of a MeshClient."""
-
-    username: str | None = None  # None: anonymous (a local mesh)
-    password: str | None = field(default=None, repr=False)
-    tls_ca: Path | None = None  # CA certificate (PEM) brokers are checked against; None: no TLS
-    tls_cert: Path | None = None  # client certificate (PEM) when brokers require one
-    tls_key: Path | None = None  # its private key; None: the key is in `tls_cert`
-    tls_insecure: bool = False  # skip the host name check (the chain is still verified)
-
-    @classmethod
-    def resolve(
-        cls,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        tls_ca: str | Path | None = None,
-        tls_cert: str | Path | None = None,
-        tls_key: str | Path | None = None,
-        tls_insecure: bool = False,
-        env: Mapping[str, str] | None = None,  # None: os.environ
-    ) -> MeshAuth:
-        """Explicit settings, each missing one taken from `JARVIS_MQTT_*`; ConfigError if bad."""
-        env = os.environ if env is None else env
-
-        def path(value: str | Path | None, name: str) -> Path | None:
-            value = value if value is not None else env.get(name) or None
-            return Path(value).expanduser() if value is not None else None
-
-        auth = cls(
-            username=username if username is not None else env.get(ENV_USERNAME) or None,
-            password=password if password is not None else env.get(ENV_PASSWORD) or None,
-            tls_ca=path(tls_ca, ENV_TLS_CA),
-            tls_cert=path(tls_cert, ENV_TLS_CERT),
-            tls_key=path(tls_key, ENV_TLS_KEY),
-            tls_insecure=tls_insecure,
-        )
-        if auth.password is not None and auth.username is None:
-            raise ConfigError(f"an MQTT password needs a username (set {ENV_USERNAME})")
-        if (auth.tls_cert or auth.tls_key) and auth.tls_ca is None:
-            raise ConfigError("a TLS client certificate needs the mesh CA (tls_ca) too")
-        if auth.tls_key is not None and auth.tls_cert is None:
-            raise ConfigError("a TLS client key needs its certificate (tls_cert)")
-        return auth
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """A client TLS context trusting only the mesh CA; None without TLS."""
-        if self.tls_ca is None:
-            return None
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.tls_ca))
-            if self.tls_cert is not None:
-                ctx.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"cannot load TLS files ({self.tls_ca}, {self.tls_cert}): {e}") from e
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        # Only the name check can be waived: verify_mode stays CERT_REQUIRED.
-        ctx.check_hostname = not self.tls_insecure
-        return ctx
 
 
 @dataclass(frozen=True)
@@ -127,45 +54,6 @@ class MeshMessage:
     retain: bool
     qos: int
     broker: BrokerAddress
-
-
-def default_dedup_key(topic: str, payload: bytes) -> bytes | None:
-    """Topic plus `mid` for wire messages, else a hash of topic and payload.
-
-    Hashing content means a retained status that changed is a new message, and the same
-    content delivered again (another broker, a reconnect) is a duplicate.
-    """
-    mid = wire.message_id(payload)
-    if mid is not None:
-        return topic.encode() + b"\0" + bytes.fromhex(mid)
-    digest = hashlib.blake2b(topic.encode(), digest_size=16)
-    digest.update(b"\0")
-    digest.update(payload)
-    return digest.digest()
-
-
-class RecentKeys:
-    """The last `size` keys seen, in O(1) per key and bounded memory."""
-
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError("dedup window must hold at least one key")
-        self._order: collections.deque[bytes] = collections.deque()
-        self._keys: set[bytes] = set()
-        self._size = size
-
-    def add(self, key: bytes) -> bool:
-        """Remember `key`; False if it was already among the recent ones."""
-        if key in self._keys:
-            return False
-        if len(self._order) == self._size:
-            self._keys.discard(self._order.popleft())
-        self._order.append(key)
-        self._keys.add(key)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._keys)
 
 
 @dataclass

@@ -20,7 +20,8 @@ from jarvis_mqtt import topics as T
 from jarvis_mqtt.brokers import BrokerAddress, BrokerSecurity, MosquittoBroker, render_config
 from jarvis_mqtt.cli_ops import main as ops_main
 from jarvis_mqtt.errors import ConfigError, MeshError
-from jarvis_mqtt.transport import MeshAuth, MeshClient, MeshMessage
+from jarvis_mqtt.mesh_auth import MeshAuth
+from jarvis_mqtt.transport import MeshClient, MeshMessage
 
 R = TypeVar("R")
 NODES, CLIENTS, MONITORS = ("node-a", "node-b"), ("alice", "bob"), ("mon",)
