@@ -1,9 +1,9 @@
 """The node agent: hosts decoder layers `[start, end)` of one model on the mesh.
 
 It subscribes to the layer topics of its span addressed to it, packs whatever activations are
-waiting into one forward step (off the event loop, on one worker thread that owns the KV
-caches), and publishes each result to the next live node, or back to the client when its span
-is the last. A retained status doubles as heartbeat; a retained last will marks it offline.
+waiting into one forward step (`batch.py`), run off the event loop on one worker thread that
+owns the KV caches, and publishes each result to the next live node, or back to the client when
+its span is the last. A retained status doubles as heartbeat; a retained last will marks it offline.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import torch
 from jarvis_mqtt import topics as T
 from jarvis_mqtt import wire
 from jarvis_mqtt.checkpoint import ModelDir
-from jarvis_mqtt.errors import CacheMissError, JarvisError, MeshError, SessionError, WireError
+from jarvis_mqtt.errors import CacheMissError, JarvisError, MeshError, WireError
 from jarvis_mqtt.forwarder import Forwarder, send_ack
 from jarvis_mqtt.membership import MeshView, NodeStatus
-from jarvis_mqtt.model import Segment, dtype_from_name
+from jarvis_mqtt.model import dtype_from_name
 from jarvis_mqtt.runtime import LayerSpan
 from jarvis_mqtt.shards import FileServer
 from jarvis_mqtt.transport import LastWill, MeshClient, MeshMessage
+from node_agent.batch import Outcome, Work, forward, replay_steps, take_batch
 from node_agent.config import NodeConfig
 
 log = logging.getLogger("jarvis.node")
@@ -39,25 +40,6 @@ HEARTBEAT_LATE = 0.5  # seconds: a heartbeat this late means the event loop was 
 ACTIVE_FOR = 1.0  # seconds: a session that sent nothing for this long is not waited for
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
 MAX_SENDING = 4  # computed waves being passed on at once; the next forward waits beyond that
-
-
-@dataclass
-class Work:
-    """One accepted activation waiting for compute."""
-
-    msg: wire.ActivationMessage
-    hidden: torch.Tensor  # (tokens, hidden) in the span's dtype
-    t_in: float  # wall clock when it arrived
-    replay_steps: list[int] | None = None  # a replay's original step lengths: it runs alone
-
-
-@dataclass
-class Outcome:
-    """What one forward step produced for one piece of work."""
-
-    work: Work
-    hidden: torch.Tensor | None = None
-    error: SessionError | None = None
 
 
 @dataclass
@@ -333,7 +315,7 @@ class NodeAgent:
         if self._draining:
             return  # not acknowledged: the sender re-sends it to a node that stays
         hidden = msg.to_tensor().reshape(msg.n_tokens, self._hidden).to(span.dtype)
-        self._inbox.append(Work(msg, hidden, time.time(), _replay_steps(msg)))
+        self._inbox.append(Work(msg, hidden, time.time(), replay_steps(msg)))
         self._recent[msg.sid] = time.monotonic()
         self._has_work.set()
         self._arrived.set()
@@ -383,56 +365,10 @@ class NodeAgent:
 
     # -- computing -----------------------------------------------------------------------------
 
-    def _take_batch(self) -> list[Work]:
-        """Waiting work that can share one forward: same entry layer, distinct sessions."""
-        if not self._inbox:
-            return []
-        first = self._inbox[0]
-        if first.replay_steps is not None:  # a replay runs alone, step by step
-            return [self._inbox.popleft()]
-        batch: list[Work] = []
-        rest: collections.deque[Work] = collections.deque()
-        sessions: set[str] = set()
-        tokens = 0
-        while self._inbox:
-            w = self._inbox.popleft()
-            fits = tokens + w.msg.n_tokens <= self.cfg.max_batch_tokens or not batch
-            alone = w.replay_steps is not None
-            if w.msg.layer == first.msg.layer and w.msg.sid not in sessions and fits and not alone:
-                batch.append(w)
-                sessions.add(w.msg.sid)
-                tokens += w.msg.n_tokens
-            else:
-                rest.append(w)
-        self._inbox = rest
-        return batch
-
     def _forward(self, batch: Sequence[Work]) -> list[Outcome]:
-        """Runs on the worker thread: one packed step, or one by one if a session fails."""
-        span = self._span
-        assert span is not None
-        skip = range(self.cfg.start, batch[0].msg.layer)  # entered mid-span
-        segments = [Segment(w.msg.sid, w.msg.pos, w.msg.n_tokens) for w in batch]
-        steps = batch[0].replay_steps if len(batch) == 1 else None
-        try:
-            if steps is not None:  # the original steps again: the same shapes, the same cache
-                w, parts, at = batch[0], [], 0
-                for n in steps:
-                    seg = Segment(w.msg.sid, w.msg.pos + at, n)
-                    parts.append(span(w.hidden[at : at + n], [seg], skip=skip))
-                    at += n
-                out = torch.cat(parts)
-            else:
-                out = span(torch.cat([w.hidden for w in batch]), segments, skip=skip)
-            outcomes, row = [], 0
-            for w in batch:
-                outcomes.append(Outcome(w, out[row : row + w.msg.n_tokens]))
-                row += w.msg.n_tokens
-        except SessionError as e:
-            if len(batch) == 1:
-                outcomes = [Outcome(batch[0], error=e)]
-            else:  # find which session failed; the others still get served
-                outcomes = [o for w in batch for o in self._forward([w])]
+        """Runs on the worker thread."""
+        assert self._span is not None
+        outcomes = forward(self._span, batch)
         self._measure(steps=1, tokens=sum(w.msg.n_tokens for w in batch))
         return outcomes
 
@@ -459,7 +395,7 @@ class NodeAgent:
         while True:
             await self._has_work.wait()
             await self._gather_wave()
-            batch = self._take_batch()
+            batch, self._inbox = take_batch(self._inbox, self.cfg.max_batch_tokens)
             if not self._inbox:
                 self._has_work.clear()
             if not batch or self._draining:
@@ -558,16 +494,3 @@ class NodeAgent:
                 history_rows=o.hidden, history_pos=msg.pos, history_steps=o.work.replay_steps,
             )  # fmt: skip
         await send_ack(mesh, self.topics, upstream, T.Ack(msg.mid, T.NodeId(cfg.node_id)))
-
-
-def _replay_steps(msg: wire.ActivationMessage) -> list[int] | None:
-    """The original step lengths of a replay message, when it carries valid ones."""
-    steps = msg.meta.get("steps") if msg.meta.get("replay") else None
-    if (
-        isinstance(steps, list)
-        and steps
-        and all(isinstance(n, int) and n > 0 for n in steps)
-        and sum(steps) == msg.n_tokens
-    ):
-        return steps
-    return None
