@@ -53,7 +53,7 @@ async def wait_for_nodes(
     view = MeshView()
     want = set(node_ids)
     async with MeshClient(list(brokers), client_id=str(T.new_client_id("wait"))) as mesh:
-        await mesh.subscribe(topics.all_node_status())
+        await mesh.subscribe(topics.all_node_status(), qos=T.NODE_STATUS.qos)
         try:
             async with asyncio.timeout(timeout):
                 async for m in mesh.messages():
@@ -155,7 +155,7 @@ class RemoteModel:
         await self._mesh.__aenter__()
         try:
             await self._mesh.subscribe(self.topics.client_result(self.client_id))
-            await self._mesh.subscribe(self.topics.all_node_status())
+            await self._mesh.subscribe(self.topics.all_node_status(), qos=T.NODE_STATUS.qos)
             await self._mesh.subscribe(self.topics.ack(self.client_id))
             self._forwarder = Forwarder(
                 self._mesh, self.topics, self.view, model=self.model,

@@ -139,7 +139,7 @@ async def collect_nodes(
     board = NodeBoard()
     loop = asyncio.get_running_loop()
     async with mesh_client(conn) as mesh:
-        await mesh.subscribe(conn.topics.all_node_status())
+        await mesh.subscribe(conn.topics.all_node_status(), qos=T.NODE_STATUS.qos)
         it = aiter(mesh.messages())
         now = loop.time()
         quiet_until, deadline = now + settle, now + limit
@@ -160,7 +160,7 @@ async def watch_nodes(
     board = NodeBoard()
     loop = asyncio.get_running_loop()
     async with mesh_client(conn) as mesh:
-        await mesh.subscribe(conn.topics.all_node_status())
+        await mesh.subscribe(conn.topics.all_node_status(), qos=T.NODE_STATUS.qos)
         it = aiter(mesh.messages())
         next_show = loop.time() + every
         while True:

@@ -209,7 +209,7 @@ def _brief(plan: Plan) -> str:
 
 
 async def _subscribe(mesh: MeshClient, topics: T.Topics) -> None:
-    await mesh.subscribe(topics.all_node_status())
+    await mesh.subscribe(topics.all_node_status(), qos=T.NODE_STATUS.qos)
     await mesh.subscribe(topics.all_assign())
 
 

@@ -131,7 +131,7 @@ class ShardFetcher:
         await self._mesh.__aenter__()
         try:
             await self._mesh.subscribe(self.topics.file_data(self.me))
-            await self._mesh.subscribe(self.topics.all_node_status())
+            await self._mesh.subscribe(self.topics.all_node_status(), qos=T.NODE_STATUS.qos)
         except BaseException:
             await self._mesh.__aexit__(None, None, None)
             raise

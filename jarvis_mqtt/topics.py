@@ -103,7 +103,10 @@ LAYER = TopicSpec("{root}/m/{model}/layer/{layer}", "wire.ActivationMessage", qo
 # Replicas host the same layers but hold different sessions' caches: senders address one node.
 NODE_LAYER = TopicSpec("{root}/m/{model}/layer/{layer}/{node_id}", "wire.ActivationMessage", qos=0)
 SESSION_FREE = TopicSpec("{root}/m/{model}/free", "msgpack list[SessionId]")
-NODE_STATUS = TopicSpec("{root}/node/{node_id}/status", "msgpack NodeStatus", retained=True)
+# Statuses are read at QoS 0 and heartbeats sent at QoS 0: each beat is replaced by the next
+# (0.5 s later) and silence is judged over three of them, so a PUBACK per status per broker per
+# reader would only cost CPU on every process; the first status, the clear and the will are QoS 1.
+NODE_STATUS = TopicSpec("{root}/node/{node_id}/status", "msgpack NodeStatus", qos=0, retained=True)
 CLIENT_RESULT = TopicSpec(
     "{root}/client/{client_id}/result", "wire.ResultMessage | wire.ErrorMessage", qos=0
 )

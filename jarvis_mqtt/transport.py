@@ -5,8 +5,8 @@ publishes every message to all connected brokers and merges what they deliver, d
 copies by message id. There are no bridges: losing a broker loses nothing while another one is
 up. Messages of one publisher keep their order on each broker, not across brokers.
 
-With a deployed mesh every connection authenticates (`mesh_auth.MeshAuth`: username, password, TLS with
-the mesh's own CA); what each user may read and write is the brokers' ACL (`security.py`).
+With a deployed mesh every connection authenticates (`mesh_auth.MeshAuth`: username, password,
+TLS with the mesh's own CA); what each user may read and write is the brokers' ACL (`security.py`).
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ class NodeAgent:
             )  # fmt: skip
             await mesh.subscribe(self.topics.ack(cfg.node_id))
             await mesh.subscribe(self.topics.session_free(cfg.model))
-            await mesh.subscribe(self.topics.all_node_status())
+            await mesh.subscribe(self.topics.all_node_status(), qos=T.NODE_STATUS.qos)
             await mesh.subscribe(self.topics.file_get(cfg.node_id))
             await mesh.publish(status_topic, T.pack_status(self.status()), retain=True)
             self.ready.set()
@@ -222,7 +222,8 @@ class NodeAgent:
                 return
             t0 = loop.time()
             try:
-                await mesh.publish(topic, T.pack_status(self.status()), retain=True)
+                status = T.pack_status(self.status())
+                await mesh.publish(topic, status, qos=T.NODE_STATUS.qos, retain=True)
             except JarvisError as e:  # every broker down: keep trying, the links reconnect
                 log.warning("%s: heartbeat not sent: %s", self.cfg.node_id, e)
             if loop.time() - t0 > HEARTBEAT_LATE:

@@ -146,7 +146,8 @@ class Contributor:
         while True:
             await asyncio.sleep(self.base.heartbeat)
             with contextlib.suppress(JarvisError):
-                await mesh.publish(topic, T.pack_status(self.status()), retain=True)
+                status = T.pack_status(self.status())
+                await mesh.publish(topic, status, qos=T.NODE_STATUS.qos, retain=True)
 
     async def _assignments(self, mesh: MeshClient, tg: asyncio.TaskGroup) -> None:
         async for m in mesh.messages():
