@@ -27,6 +27,7 @@ from jarvis_mqtt import wire
 from jarvis_mqtt.checkpoint import ModelDir
 from jarvis_mqtt.errors import CacheMissError, JarvisError, MeshError, WireError
 from jarvis_mqtt.forwarder import Forwarder, send_ack
+from jarvis_mqtt.heap import trim_heap
 from jarvis_mqtt.membership import MeshView, NodeStatus
 from jarvis_mqtt.model import dtype_from_name
 from jarvis_mqtt.runtime import LayerSpan
@@ -291,8 +292,8 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
 
         def free() -> None:
-            for s in sids:
-                span.free(s)
+            if any([span.free(s) for s in sids]):
+                trim_heap()  # the caches' memory back to the system, not kept by malloc
             self._measure()
 
         await loop.run_in_executor(self._worker, free)
@@ -377,6 +378,8 @@ class NodeAgent:
         """Worker thread: free sessions idle past their TTL."""
         assert self._span is not None
         gone = self._span.expire()
+        if gone:
+            trim_heap()
         self._measure()
         return gone
 
