@@ -14,8 +14,7 @@ from pathlib import Path
 
 from jarvis_mqtt.errors import ConfigError
 
-# What a process reads when its caller passes no credentials: a deployed node or client gets
-# them from a mode-0600 environment file, never from its command line (visible in `ps`).
+# What a process reads when its caller passes no credentials (a command line shows in `ps`).
 ENV_USERNAME = "JARVIS_MQTT_USERNAME"
 ENV_PASSWORD = "JARVIS_MQTT_PASSWORD"
 ENV_TLS_CA = "JARVIS_MQTT_TLS_CA"

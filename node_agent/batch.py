@@ -4,6 +4,7 @@ over the inbox, and the step itself on the span; no network, no event loop)."""
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,18 +43,16 @@ def take_batch(
     a replay runs alone, step by step."""
     if not inbox:
         return [], inbox
-    rest = collections.deque(inbox)
-    if rest[0].replay_steps is not None:
-        return [rest.popleft()], rest
-    layer = rest[0].msg.layer
-    batch: list[Work] = []
-    left: collections.deque[Work] = collections.deque()
-    sessions: set[str] = set()
-    tokens = 0
+    first, rest = inbox[0], itertools.islice(inbox, 1, None)
+    batch, left = [first], collections.deque[Work]()
+    if first.replay_steps is not None:
+        left.extend(rest)
+        return batch, left
+    sessions, tokens = {first.msg.sid}, first.msg.n_tokens
     for w in rest:
-        fits = tokens + w.msg.n_tokens <= max_tokens or not batch
-        alone = w.replay_steps is not None
-        if w.msg.layer == layer and w.msg.sid not in sessions and fits and not alone:
+        fits = tokens + w.msg.n_tokens <= max_tokens
+        same = w.msg.layer == first.msg.layer and w.replay_steps is None
+        if same and w.msg.sid not in sessions and fits:
             batch.append(w)
             sessions.add(w.msg.sid)
             tokens += w.msg.n_tokens

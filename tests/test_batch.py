@@ -4,6 +4,7 @@ step gives each session what it would get alone."""
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 
 import torch
 
@@ -32,7 +33,7 @@ def work(
     return Work(msg, h, 0.0, replay)
 
 
-def sids(ws: collections.abc.Iterable[Work]) -> list[str]:
+def sids(ws: Iterable[Work]) -> list[str]:
     return [w.msg.sid for w in ws]
 
 
