@@ -62,9 +62,9 @@ class TracedRemoteModel(RemoteModel):
         super().__init__(*args, **kw)
         self.payloads: list[bytes] = []
 
-    def _on_result(self, payload: bytes) -> None:
+    def _on_result(self, payload: bytes | memoryview) -> None:
         super()._on_result(payload)
-        self.payloads.append(payload)
+        self.payloads.append(bytes(payload))
 
     def routes(self) -> list[tuple[wire.RouteHop, ...]]:
         """Routes of the results kept so far (decoded now, outside the timed loops)."""

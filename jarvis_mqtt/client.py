@@ -24,11 +24,13 @@ from jarvis_mqtt import topics as T
 from jarvis_mqtt import wire
 from jarvis_mqtt.brokers import BrokerAddress
 from jarvis_mqtt.checkpoint import ModelDir
+from jarvis_mqtt.coalesce import Coalescer
 from jarvis_mqtt.errors import MeshError, WireError
 from jarvis_mqtt.forwarder import Forwarder
 from jarvis_mqtt.generate import Generation, TokenEvent
 from jarvis_mqtt.membership import MeshView, format_layers
 from jarvis_mqtt.mesh_auth import ENV_USERNAME
+from jarvis_mqtt.outbox import Outbox
 from jarvis_mqtt.runtime import load_client_stages
 from jarvis_mqtt.sampling import SamplingParams
 from jarvis_mqtt.transport import MeshClient
@@ -130,6 +132,8 @@ class RemoteModel:
         self.never_skip = sorted(set(never_skip))
         self.tokenizer = model_dir.tokenizer()
         self.embed, self.head = load_client_stages(model_dir, dtype)
+        # Sessions whose results arrive together share one pass of the head over its matrix.
+        self._head = Coalescer(self.head, name="head")
         self.view = MeshView()
         self.sessions: dict[str, SessionRoute] = {}
         self._pending: dict[tuple[str, int], asyncio.Future[wire.ResultMessage]] = {}
@@ -137,6 +141,7 @@ class RemoteModel:
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._forwarder: Forwarder | None = None
+        self._outbox: Outbox | None = None
         self._view_changed = asyncio.Event()
 
     @classmethod
@@ -157,9 +162,12 @@ class RemoteModel:
             await self._mesh.subscribe(self.topics.client_result(self.client_id))
             await self._mesh.subscribe(self.topics.all_node_status(), qos=T.NODE_STATUS.qos)
             await self._mesh.subscribe(self.topics.ack(self.client_id))
+            # Sessions stepping together (their results came back together) enter as one bundle.
+            self._outbox = Outbox(self._mesh)
             self._forwarder = Forwarder(
                 self._mesh, self.topics, self.view, model=self.model,
                 num_layers=self.num_layers, me=self.client_id, on_error=self._fail,
+                outbox=self._outbox,
             )  # fmt: skip
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()
@@ -185,8 +193,11 @@ class RemoteModel:
             task.cancel()
         if self._tg is not None:
             await self._tg.__aexit__(None, None, None)
+        if self._outbox is not None:
+            await self._outbox.flush()
         if self._mesh is not None:
             await self._mesh.__aexit__(exc_type, exc, tb)
+        self._head.close()
 
     async def _read(self, mesh: MeshClient) -> None:
         async for m in mesh.messages():
@@ -201,13 +212,20 @@ class RemoteModel:
                     log.debug("bad status: %s", e)
                     continue
                 self._view_changed.set()
-            elif isinstance(parsed, T.ClientResultTopic):
-                self._on_result(m.payload)
-            elif isinstance(parsed, T.AckTopic) and self._forwarder is not None:
+            elif isinstance(parsed, T.ClientResultTopic | T.AckTopic):
                 try:
-                    await self._forwarder.on_ack(T.unpack_ack(m.payload))
+                    parts = wire.unbundle(m.payload)
                 except WireError as e:
-                    log.warning("bad ack: %s", e)
+                    log.warning("broken bundle on %s: %s", m.topic, e)
+                    continue
+                for part in parts:
+                    if isinstance(parsed, T.ClientResultTopic):
+                        self._on_result(part)
+                    elif self._forwarder is not None:
+                        try:
+                            await self._forwarder.on_ack(T.unpack_ack(part))
+                        except WireError as e:
+                            log.warning("bad ack: %s", e)
 
     async def _custody(self, forwarder: Forwarder) -> None:
         while True:
@@ -220,7 +238,7 @@ class RemoteModel:
             if s == sid and not fut.done():
                 fut.set_exception(MeshError(text))
 
-    def _on_result(self, payload: bytes) -> None:
+    def _on_result(self, payload: bytes | memoryview) -> None:
         try:
             msg = wire.decode(payload, max_bytes=1 << 30)
         except WireError as e:
@@ -292,7 +310,7 @@ class RemoteModel:
         # Off the event loop: a large vocabulary's head (Gemma 3: 262k rows) takes long enough
         # to starve the heartbeats and acks this client must keep reading.
         hidden_out = result.to_tensor().to(self.embed_dtype)
-        logits = (await asyncio.to_thread(self.head, hidden_out))[-1]
+        logits = (await self._head(hidden_out[-1:]))[-1]
         return StepResult(logits, hops, list(result.skipped))
 
     @property

@@ -20,8 +20,9 @@ import torch
 from jarvis_mqtt import topics as T
 from jarvis_mqtt import wire
 from jarvis_mqtt.custody import Custody, History, Pending
-from jarvis_mqtt.errors import JarvisError, MeshError
+from jarvis_mqtt.errors import MeshError
 from jarvis_mqtt.membership import MeshView
+from jarvis_mqtt.outbox import Outbox
 from jarvis_mqtt.routing import next_hop
 from jarvis_mqtt.transport import MeshClient
 
@@ -57,8 +58,11 @@ class Forwarder:
         me: str,
         on_error: OnError,
         custody: Custody | None = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.mesh, self.topics, self.view = mesh, topics, view
+        # Sends of one wave (or of sessions stepping together) leave as one bundle per node.
+        self.outbox = outbox or Outbox(mesh)
         self.model, self.num_layers, self.me = model, num_layers, me
         self.on_error = on_error
         self.custody = custody or Custody()
@@ -155,7 +159,7 @@ class Forwarder:
             out: wire.Message = wire.ResultMessage.from_tensor(
                 hidden[-1:], layer=self.num_layers, pos=pos + hidden.shape[0] - 1, **common
             )
-            await self._publish(self.topics.client_result(p.fields["cid"]), out, T.CLIENT_RESULT)
+            self._publish(self.topics.client_result(p.fields["cid"]), out, T.CLIENT_RESULT)
             return None
         msg = wire.ActivationMessage.from_tensor(hidden, layer=hop.enter, pos=pos, **common)
         self.next[p.sid] = hop.node_id
@@ -164,14 +168,12 @@ class Forwarder:
         p.deadline = time.monotonic() + self.custody.ack_timeout
         self.custody.track(p)
         topic = self.topics.node_layer(self.model, hop.enter, hop.node_id)
-        await self._publish(topic, msg, T.NODE_LAYER)
+        self._publish(topic, msg, T.NODE_LAYER)
         return hop.node_id
 
-    async def _publish(self, topic: str, msg: wire.Message, spec: T.TopicSpec) -> None:
-        try:
-            await self.mesh.publish(topic, wire.encode(msg), qos=spec.qos, wait_all=False)
-        except JarvisError as e:  # custody re-sends it when the brokers are back
-            log.warning("%s: publish on %s failed: %s", self.me, topic, e)
+    def _publish(self, topic: str, msg: wire.Message, spec: T.TopicSpec) -> None:
+        # Queued: a failed publish is logged by the outbox, and custody re-sends the message.
+        self.outbox.post(topic, wire.encode(msg), spec.qos)
 
     async def on_ack(self, ack: T.Ack) -> None:
         """Release an acknowledged message; replay to its receiver when it asks for one."""
@@ -205,9 +207,7 @@ class Forwarder:
                 await self._dispatch(p, rows, prefer=p.node)
 
 
-async def send_ack(mesh: MeshClient, topics: T.Topics, to: str, ack: T.Ack) -> None:
-    """Tell the sender `to` that `ack.by` passed its message on (or needs a replay)."""
-    try:
-        await mesh.publish(topics.ack(to), T.pack_ack(ack), qos=T.ACK.qos, wait_all=False)
-    except JarvisError as e:
-        log.warning("ack to %s not sent: %s", to, e)
+def send_ack(outbox: Outbox, topics: T.Topics, to: str, ack: T.Ack) -> None:
+    """Tell the sender `to` that `ack.by` passed its message on (or needs a replay); queued,
+    so the acks of one wave to one sender leave as one bundle."""
+    outbox.post(topics.ack(to), T.pack_ack(ack), T.ACK.qos)

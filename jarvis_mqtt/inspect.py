@@ -267,22 +267,29 @@ async def trace_steps(
         if on_ready is not None:
             on_ready()
         async for m in mesh.messages():
-            if m.topic.startswith(ack_prefix):
-                _fold_ack(builder, m.payload)  # acks name no session: placed by message id
-                continue
-            if needle not in m.payload:
+            if not m.topic.startswith(ack_prefix) and needle not in m.payload:
                 continue  # cheap: the session id is in the header of all its messages
             try:
-                msg = wire.decode(m.payload, max_bytes=len(m.payload))
+                parts = wire.unbundle(m.payload)  # a wave of sessions travels as one bundle
                 parsed = conn.topics.parse(m.topic)
             except WireError:
                 continue
-            to = parsed.node_id if isinstance(parsed, T.LayerTopic) else None
-            for st in builder.add(msg, to=to, received=time.time()):
-                yield st
+            for part in parts:
+                if isinstance(parsed, T.AckTopic):
+                    _fold_ack(builder, part)  # acks name no session: placed by message id
+                    continue
+                if needle not in bytes(part):
+                    continue
+                try:
+                    msg = wire.decode(part, max_bytes=len(part))
+                except WireError:
+                    continue
+                to = parsed.node_id if isinstance(parsed, T.LayerTopic) else None
+                for st in builder.add(msg, to=to, received=time.time()):
+                    yield st
 
 
-def _fold_ack(builder: TraceBuilder, payload: bytes) -> None:
+def _fold_ack(builder: TraceBuilder, payload: bytes | memoryview) -> None:
     from jarvis_mqtt.errors import WireError
     from jarvis_mqtt.inspect_decode import ack_fields
 

@@ -77,6 +77,14 @@ def topic_fields(topic: str, root: str) -> Record:
 
 
 def _payload_fields(where: str, payload: bytes, received: float | None) -> Record:
+    if payload[: len(wire.BUNDLE_MAGIC)] == wire.BUNDLE_MAGIC:  # a wave's messages in one
+        parts = []
+        for part in wire.unbundle(payload):
+            try:
+                parts.append(_payload_fields(where, bytes(part), received))
+            except WireError as e:
+                parts.append(_undecodable(bytes(part), str(e)))
+        return {"kind": "bundle", "parts": parts}
     # Wire messages are recognised by their prefix wherever they show up.
     if payload[: len(wire.MAGIC)] == wire.MAGIC:
         return wire_fields(payload)
@@ -186,7 +194,7 @@ def status_fields(st: NodeStatus, received: float | None = None) -> Record:
     return rec
 
 
-def ack_fields(payload: bytes) -> Record:
+def ack_fields(payload: bytes | memoryview) -> Record:
     """Fields of an acknowledgement (`topics.Ack`); WireError when it is not one."""
     d = _unpack(payload, "ack")
     if not (isinstance(d, dict) and T.is_message_id(d.get("mid")) and T.is_name(d.get("by"))):
@@ -211,7 +219,7 @@ def _other_fields(payload: bytes) -> Record:
         return _undecodable(payload, "not msgpack, text or a wire message")
 
 
-def _unpack(payload: bytes, what: str) -> Any:
+def _unpack(payload: bytes | memoryview, what: str) -> Any:
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
@@ -255,7 +263,14 @@ def jsonable(value: Any, depth: int = 16) -> Any:
 def matches(
     rec: Record, *, model: str | None = None, session: str | None = None, node: str | None = None
 ) -> bool:
-    """Whether a record concerns `model`, `session` and `node` (each only when given)."""
+    """Whether a record concerns `model`, `session` and `node` (each only when given); a
+    bundle does when one of its messages does."""
+    if rec.get("kind") == "bundle":
+        base = {k: v for k, v in rec.items() if k != "parts"}
+        return any(
+            matches({**base, **part}, model=model, session=session, node=node)
+            for part in rec["parts"]
+        )
     if model is not None and rec.get("model") != model:
         return False
     if session is not None and session != rec.get("sid") and session not in rec.get("sessions", ()):
@@ -282,6 +297,8 @@ def format_record(rec: Record) -> str:
 
 def _details(rec: Record) -> str:
     kind = rec["kind"]
+    if kind == "bundle":
+        return " | ".join(f"{p['kind']}: {_details(p)}" for p in rec["parts"])
     if kind in ("act", "result"):
         return _tensor_details(rec)
     if kind == "error":

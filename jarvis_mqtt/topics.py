@@ -14,6 +14,9 @@ matters, the model name, so several models and test runs share one mesh without 
 | `{root}/client/{client_id}/result` | `wire.ResultMessage` or `wire.ErrorMessage` | no     |
 | `{root}/file/{node_id}/get`        | msgpack `FileRequest`: a piece of a file   | no       |
 | `{root}/file/{name}/data`          | msgpack `FileChunk`: the piece, or why not | no       |
+
+Layer, result and ack payloads may also be a `wire.bundle` of several of them: what a node
+sends one receiver for a wave of sessions computed together travels as one MQTT message.
 """
 
 from __future__ import annotations
@@ -290,7 +293,7 @@ def _is_layer(text: str) -> bool:
     return text.isascii() and text.isdigit() and str(int(text)) == text and int(text) <= MAX_LAYER
 
 
-def _unpack(payload: bytes, what: str) -> Any:
+def _unpack(payload: bytes | memoryview, what: str) -> Any:
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except (ValueError, TypeError, msgpack.UnpackException) as e:
@@ -348,7 +351,7 @@ def pack_ack(ack: Ack) -> bytes:
     return msgpack.packb({"mid": ack.mid, "by": ack.by, "need_from": ack.need_from})
 
 
-def unpack_ack(payload: bytes) -> Ack:
+def unpack_ack(payload: bytes | memoryview) -> Ack:
     """An acknowledgement from its payload; WireError when malformed."""
     d = _unpack(payload, "ack")
     if not isinstance(d, dict) or not is_message_id(d.get("mid")) or not is_name(d.get("by")):

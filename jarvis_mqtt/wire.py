@@ -6,14 +6,19 @@ bytes in C order (none for errors). Header keys: `v` (format version), `kind` (`
 `pos` ([first token position, tokens]), `layer` (where the receiver starts), `dtype`, `shape`,
 `route` ([node, start, end, t_in, t_out] per hop), `skipped` (layers bypassed), `meta`.
 Messages validate themselves on construction, so a bad message fails at the sender too.
+
+A *bundle* carries several payloads for one topic in one MQTT message (a node passing on a wave
+of sessions, or acknowledging it): `b"JB"`, a 4-byte big-endian count, a 4-byte length per
+part, then the parts. One part travels as it is, unwrapped.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
@@ -36,6 +41,8 @@ VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 MAGIC = b"JV"
 PREFIX_BYTES = len(MAGIC) + 4
+BUNDLE_MAGIC = b"JB"
+MAX_BUNDLE_PARTS = 4096
 MAX_HEADER_BYTES = 1 << 20  # a route of thousands of hops still fits
 MAX_DIM = 1 << 31  # elements along one tensor dimension
 MAX_STEP = 1 << 31  # generation steps of one session
@@ -310,6 +317,43 @@ def decode(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> Messag
     fields["route"] = tuple(_hop(h, ids) for h in route)
     cls = ActivationMessage if kind == "act" else ResultMessage
     return cls(data=body, **fields)
+
+
+def bundle(parts: Sequence[bytes | bytearray | memoryview]) -> bytes:
+    """One payload carrying `parts` (wire messages, acks) for one topic; a lone part as it is."""
+    if len(parts) == 1:
+        return bytes(parts[0])
+    if not 1 <= len(parts) <= MAX_BUNDLE_PARTS:
+        raise WireError(f"a bundle holds 1 to {MAX_BUNDLE_PARTS} parts, not {len(parts)}")
+    lengths = [memoryview(p).nbytes for p in parts]
+    head = BUNDLE_MAGIC + struct.pack(f">{1 + len(parts)}I", len(parts), *lengths)
+    return b"".join((head, *parts))
+
+
+def unbundle(payload: bytes | bytearray | memoryview) -> list[memoryview]:
+    """The parts of a bundle, without copying; `[payload]` when it is not one."""
+    view = _byte_view(payload)
+    if view is None:
+        raise WireDecodeError(f"payload is a {type(payload).__name__}, not contiguous bytes")
+    if view[: len(BUNDLE_MAGIC)] != BUNDLE_MAGIC:
+        return [view]
+    at = len(BUNDLE_MAGIC) + 4
+    if view.nbytes < at:
+        raise WireDecodeError("bundle too short for its part count")
+    (count,) = struct.unpack_from(">I", view, len(BUNDLE_MAGIC))
+    if not 1 <= count <= MAX_BUNDLE_PARTS or view.nbytes < at + 4 * count:
+        raise WireDecodeError(f"bundle of {count} parts does not fit {view.nbytes} bytes")
+    lengths = struct.unpack_from(f">{count}I", view, at)
+    at += 4 * count
+    if at + sum(lengths) != view.nbytes:
+        raise WireDecodeError(
+            f"bundle parts add up to {sum(lengths)} bytes, {view.nbytes - at} follow"
+        )
+    parts = []
+    for n in lengths:
+        parts.append(view[at : at + n])
+        at += n
+    return parts
 
 
 def message_id(payload: bytes | bytearray | memoryview) -> MessageId | None:

@@ -3,7 +3,8 @@
 It subscribes to the layer topics of its span addressed to it, packs whatever activations are
 waiting into one forward step (`batch.py`), run off the event loop on one worker thread that
 owns the KV caches, and publishes each result to the next live node, or back to the client when
-its span is the last. A retained status doubles as heartbeat; a retained last will marks it offline.
+its span is the last: a wave's results for one receiver leave as one bundle (`outbox.py`).
+A retained status doubles as heartbeat; a retained last will marks it offline.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from jarvis_mqtt.forwarder import Forwarder, send_ack
 from jarvis_mqtt.heap import trim_heap
 from jarvis_mqtt.membership import MeshView, NodeStatus
 from jarvis_mqtt.model import dtype_from_name
+from jarvis_mqtt.outbox import Outbox
 from jarvis_mqtt.runtime import LayerSpan
 from jarvis_mqtt.shards import FileServer
 from jarvis_mqtt.transport import LastWill, MeshClient, MeshMessage
@@ -77,6 +79,7 @@ class NodeAgent:
         self._recent: dict[str, float] = {}  # session -> when its last message arrived
         self._span: LayerSpan | None = None
         self._mesh: MeshClient | None = None
+        self._outbox: Outbox | None = None  # results, onward activations and acks, bundled
         self._num_layers = 0
         self._hidden = 0
         self._files: FileServer | None = None
@@ -154,13 +157,13 @@ class NodeAgent:
             will=will,
             max_payload=cfg.max_payload_bytes,
         )
-        async with mesh:
-            self._mesh = mesh
+        async with mesh, Outbox(mesh) as outbox:
+            self._mesh, self._outbox = mesh, outbox
             for layer in range(cfg.start, cfg.end):
                 await mesh.subscribe(self.topics.node_layer(cfg.model, layer, cfg.node_id))
             self._forwarder = Forwarder(
                 mesh, self.topics, self.view, model=cfg.model, num_layers=md.num_layers,
-                me=cfg.node_id, on_error=self._reject_str,
+                me=cfg.node_id, on_error=self._reject_str, outbox=outbox,
             )  # fmt: skip
             await mesh.subscribe(self.topics.ack(cfg.node_id))
             await mesh.subscribe(self.topics.session_free(cfg.model))
@@ -209,6 +212,8 @@ class NodeAgent:
                 # Polled: custody changes in several places; this runs once, at shutdown.
                 while self._busy or self._sending or (forwarder and forwarder.custody.pending):  # noqa: ASYNC110
                     await asyncio.sleep(CUSTODY_TICK)
+                if self._outbox is not None:
+                    await self._outbox.flush()
         except TimeoutError:
             log.warning("%s: left with messages not yet acknowledged", self.cfg.node_id)
 
@@ -259,17 +264,27 @@ class NodeAgent:
             elif isinstance(parsed, T.SessionFreeTopic):
                 await self._on_free(m)
             elif isinstance(parsed, T.LayerTopic):
-                await self._on_activation(parsed, m)
+                for part in self._parts(m):
+                    await self._on_activation(parsed, part)
             elif isinstance(parsed, T.AckTopic) and self._forwarder is not None:
-                try:
-                    ack = T.unpack_ack(m.payload)
-                except WireError as e:
-                    log.warning("%s: bad ack: %s", self.cfg.node_id, e)
-                    continue
-                await self._forwarder.on_ack(ack)
+                for part in self._parts(m):
+                    try:
+                        ack = T.unpack_ack(part)
+                    except WireError as e:
+                        log.warning("%s: bad ack: %s", self.cfg.node_id, e)
+                        continue
+                    await self._forwarder.on_ack(ack)
             elif isinstance(parsed, T.FileGetTopic):
                 assert self._files is not None
                 await self._files.offer(mesh, self.topics, m.payload)
+
+    def _parts(self, m: MeshMessage) -> list[memoryview]:
+        """The messages a (bundled) payload carries; none, logged, when the bundle is broken."""
+        try:
+            return wire.unbundle(m.payload)
+        except WireError as e:
+            log.warning("%s: refused a bundle on %s: %s", self.cfg.node_id, m.topic, e)
+            return []
 
     def _on_status(self, parsed: T.NodeStatusTopic, m: MeshMessage) -> None:
         try:
@@ -298,10 +313,10 @@ class NodeAgent:
 
         await loop.run_in_executor(self._worker, free)
 
-    async def _on_activation(self, parsed: T.LayerTopic, m: MeshMessage) -> None:
+    async def _on_activation(self, parsed: T.LayerTopic, payload: memoryview) -> None:
         cfg = self.cfg
         try:
-            msg = wire.decode(m.payload, max_bytes=cfg.max_payload_bytes)
+            msg = wire.decode(payload, max_bytes=cfg.max_payload_bytes)
         except wire.WireDecodeError as e:
             await self._reject(e.cid, e.sid, e.mid, "bad_message", str(e))
             return
@@ -415,15 +430,17 @@ class NodeAgent:
                 self._forward_s = 0.8 * self._forward_s + 0.2 * took if self._forward_s else took
             # Passed on in the background: the next wave's forward need not wait for the
             # publishes and acks of this one (a session has one step here at a time).
-            task = asyncio.create_task(self._send_wave(mesh, outcomes), name="send wave")
+            task = asyncio.create_task(self._send_wave(outcomes), name="send wave")
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
             if len(self._sending) >= MAX_SENDING:
                 await asyncio.wait(set(self._sending), return_when=asyncio.FIRST_COMPLETED)
 
-    async def _send_wave(self, mesh: MeshClient, outcomes: list[Outcome]) -> None:
+    async def _send_wave(self, outcomes: list[Outcome]) -> None:
+        """Pass on a computed wave: its activations for one node (and its acks to one sender)
+        are posted in one loop turn, so the outbox sends each group as one bundle."""
         results = await asyncio.gather(
-            *(self._send_on(mesh, o) for o in outcomes), return_exceptions=True
+            *(self._send_on(o) for o in outcomes), return_exceptions=True
         )
         for o, r in zip(outcomes, results, strict=True):
             if isinstance(r, Exception):  # custody re-sends it; the node keeps serving
@@ -453,15 +470,17 @@ class NodeAgent:
             except TimeoutError:
                 return
 
-    async def _send_on(self, mesh: MeshClient, o: Outcome) -> None:
+    async def _send_on(self, o: Outcome) -> None:
         msg = o.work.msg
         cfg = self.cfg
+        outbox = self._outbox
+        assert outbox is not None
         upstream = msg.route[-1].node if msg.route else msg.cid
         if isinstance(o.error, CacheMissError) and not msg.meta.get("replay"):
             # A replica taking over, or a node that restarted: ask the sender for a replay.
             log.info("%s: session %s needs a replay from %d", cfg.node_id, msg.sid, o.error.have)
             ack = T.Ack(msg.mid, T.NodeId(cfg.node_id), need_from=o.error.have)
-            await send_ack(mesh, self.topics, upstream, ack)
+            send_ack(outbox, self.topics, upstream, ack)
             return
         if o.error is not None or o.hidden is None:
             await self._reject(msg.cid, msg.sid, msg.mid, "session", str(o.error))
@@ -482,13 +501,8 @@ class NodeAgent:
                 pos=pos + hidden.shape[0] - 1, layer=self._num_layers, route=route,
                 skipped=msg.skipped, meta=meta,
             )  # fmt: skip
-            try:
-                await mesh.publish(
-                    self.topics.client_result(msg.cid), wire.encode(out),
-                    qos=T.CLIENT_RESULT.qos, wait_all=False,
-                )  # fmt: skip
-            except JarvisError as e:
-                log.warning("%s: could not send result %s: %s", cfg.node_id, msg.mid, e)
+            topic = self.topics.client_result(msg.cid)
+            if not await outbox.post(topic, wire.encode(out), T.CLIENT_RESULT.qos):
                 return  # no ack: the sender still holds it and will re-send
         else:
             assert self._forwarder is not None
@@ -497,4 +511,4 @@ class NodeAgent:
                 route=route, skipped=msg.skipped, meta=meta,
                 history_rows=o.hidden, history_pos=msg.pos, history_steps=o.work.replay_steps,
             )  # fmt: skip
-        await send_ack(mesh, self.topics, upstream, T.Ack(msg.mid, T.NodeId(cfg.node_id)))
+        send_ack(outbox, self.topics, upstream, T.Ack(msg.mid, T.NodeId(cfg.node_id)))

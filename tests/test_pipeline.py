@@ -185,7 +185,11 @@ def test_bad_input_is_answered_and_node_keeps_serving(
             wire.ActivationMessage.from_tensor(torch.zeros(600, hidden), **_fields(act()))
         ),
         "layer not hosted": wire.encode(act(layer=0)),
+        # Two messages in one bundle (how a node passes on a wave): each answered on its own.
+        "bundle of two bad": wire.bundle([wire.encode(act(layer=1)), wire.encode(act(layer=2))]),
+        "broken bundle": b"JB\x00\x00\x00\x02\x00\x00\x00\x05",
     }
+    answered = len(cases) - 3 + 1  # errors: see the asserts below
 
     async def scenario() -> tuple[list[wire.ErrorMessage], list[T.Ack]]:
         errors: list[wire.ErrorMessage] = []
@@ -199,12 +203,12 @@ def test_bad_input_is_answered_and_node_keeps_serving(
                 async with asyncio.timeout(5):
                     async for m in mesh.messages():
                         if isinstance(topics.parse(m.topic), T.AckTopic):
-                            acks.append(T.unpack_ack(m.payload))
+                            acks.extend(T.unpack_ack(p) for p in wire.unbundle(m.payload))
                         else:
                             msg = wire.decode(m.payload, max_bytes=1 << 24)
                             assert isinstance(msg, wire.ErrorMessage)
                             errors.append(msg)
-                        if len(errors) + len(acks) == len(cases) - 1:
+                        if len(errors) + len(acks) == answered + 1:
                             break
             except TimeoutError:
                 pass
@@ -212,14 +216,16 @@ def test_bad_input_is_answered_and_node_keeps_serving(
 
     errors, acks = asyncio.run(scenario())
     texts = "\n".join(e.text for e in errors)
-    # Every case that names its client is answered; the malformed one cannot be.
-    assert len(errors) == len(cases) - 2, texts
-    for needle in ("version", "shape", "dtype", "over the limit", "layer 0"):
+    # Every case that names its client is answered, the bundle once per message; the malformed
+    # message and the broken bundle cannot be, and the unknown session is acknowledged.
+    assert len(errors) == answered, texts
+    for needle in ("version", "shape", "dtype", "over the limit", "layer 0", "layer 1", "layer 2"):
         assert needle in texts, needle
     # A session the node does not hold is not an error: it asks its sender for a replay.
     assert [(a.by, a.need_from) for a in acks] == [(node, 0)]
     log = Path(smol_mesh.node(node).log).read_text()
     assert log.count("not valid msgpack") == 1  # logged once
+    assert log.count("refused a bundle") == 1
     # And the node still serves a normal generation, correctly.
     got = asyncio.run(remote_generate(smollm2_dir, smol_mesh, PROMPTS[4], n=8))
     assert got == reference(smollm2_dir, [PROMPTS[4]], n=8)[PROMPTS[4]]

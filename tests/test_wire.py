@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from jarvis_mqtt.errors import WireError
 from jarvis_mqtt.topics import ClientId, MessageId, NodeId, SessionId, new_message_id
 from jarvis_mqtt.wire import (
+    BUNDLE_MAGIC,
     MAGIC,
     ActivationMessage,
     ErrorMessage,
@@ -20,9 +21,11 @@ from jarvis_mqtt.wire import (
     ResultMessage,
     RouteHop,
     WireDecodeError,
+    bundle,
     decode,
     encode,
     message_id,
+    unbundle,
 )
 
 LIMIT = 1 << 20
@@ -287,3 +290,49 @@ def test_valid_headers_with_arbitrary_fields(changes: dict[str, Any], kind: str,
     header["kind"] = kind
     header.update(changes)
     check(raw(header, body[: len(body) - cut] if cut else body))
+
+
+def test_bundle_round_trip_and_a_lone_part_unwrapped() -> None:
+    msgs = [act(torch.full((1, 4), float(i)), step=i) for i in range(3)]
+    payloads = [encode(m) for m in msgs]
+    assert bundle(payloads[:1]) == payloads[0]  # one message travels as it is
+    assert [bytes(p) for p in unbundle(payloads[0])] == payloads[:1]
+    packed = bundle([*payloads, b"", b"ack"])
+    assert packed.startswith(BUNDLE_MAGIC)
+    parts = unbundle(packed)
+    assert [bytes(p) for p in parts] == [*payloads, b"", b"ack"]
+    got = [decode(p, max_bytes=LIMIT) for p in parts[:3]]
+    assert [m.step for m in got] == [0, 1, 2]  # type: ignore[union-attr]
+    with pytest.raises(WireError):
+        bundle([])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        BUNDLE_MAGIC,  # no count
+        BUNDLE_MAGIC + (0).to_bytes(4, "big"),  # empty
+        BUNDLE_MAGIC + (2).to_bytes(4, "big") + (1).to_bytes(4, "big"),  # lengths cut short
+        BUNDLE_MAGIC + (1).to_bytes(4, "big") + (5).to_bytes(4, "big") + b"abc",  # body short
+        BUNDLE_MAGIC + (1).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"ab",  # body long
+        BUNDLE_MAGIC + (1 << 31).to_bytes(4, "big"),  # absurd count
+    ],
+)
+def test_broken_bundles_are_wire_errors(payload: bytes) -> None:
+    with pytest.raises(WireDecodeError):
+        unbundle(payload)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=200))
+def test_unbundle_arbitrary_bytes(payload: bytes) -> None:
+    """Parts that exactly tile the payload, or a WireDecodeError; never anything else."""
+    for data in (payload, BUNDLE_MAGIC + payload):
+        try:
+            parts = unbundle(data)
+        except WireDecodeError:
+            continue
+        if data.startswith(BUNDLE_MAGIC):
+            assert b"".join(parts) == data[len(data) - sum(len(p) for p in parts) :]
+        else:
+            assert [bytes(p) for p in parts] == [data]

@@ -1,0 +1,109 @@
+"""Messages for one topic posted in the same pass of the event loop leave as one bundle.
+
+A node that runs k sessions in one forward passes k activations to the next node and
+acknowledges k messages to the previous one. Each MQTT message costs a few hundred µs of Python
+at both ends (and a send per broker), so sent one by one those messages, not the forward, would
+bound how many sessions a mesh serves. `post` queues a payload and returns at once; the queue
+is published at the next turn of the loop, one `wire.bundle` per topic (up to `max_bytes`
+each), in the order the topics were first posted to. One session's message still goes out
+alone and unwrapped, one loop turn later.
+
+Delivery is as for any QoS 0 publish: a failure is logged and the chain of custody re-sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Self
+
+from jarvis_mqtt import wire
+from jarvis_mqtt.errors import JarvisError
+from jarvis_mqtt.transport import MeshClient
+
+log = logging.getLogger("jarvis.outbox")
+BUNDLE_BYTES = 1 << 20  # a bundle stops growing here; a larger message goes alone
+
+
+class Outbox:
+    """Coalescing publisher over a `MeshClient`; an async context manager that flushes on exit."""
+
+    def __init__(self, mesh: MeshClient, *, max_bytes: int = BUNDLE_BYTES) -> None:
+        self.mesh = mesh
+        self.max_bytes = max_bytes
+        self._waiting: dict[tuple[str, int], list[tuple[bytes, asyncio.Future[bool]]]] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self.bundles = 0  # MQTT messages published, for stats
+        self.parts = 0  # payloads they carried
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.flush()
+
+    def post(self, topic: str, payload: bytes, qos: int = 0) -> asyncio.Future[bool]:
+        """Queue `payload` for `topic`; it is published at the next turn of the event loop.
+
+        The future says whether a broker took it (False: logged, no broker did); await it
+        only where something must wait for the message to be out, like an ack for it."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault((topic, qos), []).append((payload, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_all(), name="outbox")
+        return done
+
+    async def flush(self) -> None:
+        """Publish what is queued now, and wait for what is being published."""
+        if self._waiting and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.create_task(self._flush_all(), name="outbox")
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+
+    @property
+    def pending(self) -> int:
+        """Payloads queued and not yet handed to the brokers."""
+        return sum(len(parts) for parts in self._waiting.values())
+
+    async def _flush_all(self) -> None:
+        while self._waiting:  # posts made while publishing go out in the next round
+            waiting, self._waiting = self._waiting, {}
+            for (topic, qos), posted in waiting.items():
+                for chunk in _chunks(posted, self.max_bytes):
+                    payload = wire.bundle([p for p, _ in chunk])
+                    ok = True
+                    try:
+                        await self.mesh.publish(topic, payload, qos=qos, wait_all=False)
+                    except JarvisError as e:  # the chain of custody re-sends what mattered
+                        log.warning("%d message(s) on %s not sent: %s", len(chunk), topic, e)
+                        ok = False
+                    else:
+                        self.bundles += 1
+                        self.parts += len(chunk)
+                    for _, done in chunk:
+                        if not done.done():
+                            done.set_result(ok)
+
+
+_Posted = tuple[bytes, "asyncio.Future[bool]"]
+
+
+def _chunks(posted: list[_Posted], max_bytes: int) -> list[list[_Posted]]:
+    """Consecutive runs of `posted` of at most `max_bytes` (a larger payload runs alone)."""
+    out: list[list[_Posted]] = []
+    size = 0
+    for item in posted:
+        n = len(item[0])
+        if out and size + n <= max_bytes and len(out[-1]) < wire.MAX_BUNDLE_PARTS:
+            out[-1].append(item)
+            size += n
+        else:
+            out.append([item])
+            size = n
+    return out
