@@ -395,7 +395,8 @@ def _concurrency_figures(
         )
     )  # fmt: skip
     # Each round, every node sees each session's prompt once and each decode token once; only
-    # the number of steps the prompts took (1 to SESSIONS) is unknown, hence a range.
+    # the number of steps the prompts took (1 to SESSIONS) is unknown, hence a range. A session
+    # decodes one token per step, so its SESSION_TOKENS - 1 decode steps bound the range too.
     decode_tokens = SESSIONS * (SESSION_TOKENS - 1)
     expected = decode_tokens + SESSIONS * PROMPT_TOKENS
     lo, hi, off = [], [], 0
@@ -403,7 +404,7 @@ def _concurrency_figures(
         for steps, toks in rounds:
             off += toks != expected
             lo.append(decode_tokens / max(1, steps - 1))
-            hi.append(decode_tokens / max(1, steps - SESSIONS))
+            hi.append(decode_tokens / max(SESSION_TOKENS - 1, steps - SESSIONS))
     if lo:
         sec.add(
             Figure(

@@ -22,6 +22,7 @@ from types import TracebackType
 from typing import Self
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 
 from jarvis_mqtt.brokers import BrokerAddress
 from jarvis_mqtt.dedup import DedupKey, RecentKeys, default_dedup_key
@@ -240,7 +241,10 @@ class MeshClient:
             except TimeoutError:
                 raise MeshError(f"no broker connected to publish on {topic!r}") from None
         links = [link for link in self._links if link.client is not None]
-        if not wait_all and self._tg is not None:
+        if qos == 0:
+            # Nothing to wait for: handed to each connection's writer in this call.
+            acked = sum(link.publish_now(topic, payload, retain) for link in links)
+        elif not wait_all and self._tg is not None:
             acked = await self._first_ack(links, topic, payload, qos, retain)
         else:
             async with asyncio.TaskGroup() as tg:
@@ -444,6 +448,22 @@ class _Link:
             return False
         finally:
             self._inflight.discard(task)
+
+    def publish_now(self, topic: str, payload: bytes, retain: bool) -> bool:
+        """A QoS 0 publish handed to paho without waiting; False if the connection refused it.
+
+        paho queues it and has aiomqtt's socket writer send it at the next turn of the loop.
+        aiomqtt's own `publish` would then wake the caller through an event and a timeout,
+        a task and two more turns of the loop per copy, for nothing QoS 0 waits for. (Writing
+        here with paho's `loop_write` is faster still, but races aiomqtt's deferred writer
+        registration and can leave a writer registered on an always-writable socket.)
+        """
+        client = self.client
+        if client is None:
+            return False
+        paho = client._client  # aiomqtt keeps its paho client there, with no public accessor
+        info = paho.publish(topic, payload, qos=0, retain=retain)
+        return info.rc == paho_mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> bool:
         """Subscribe over this connection; False if it failed (the next connect re-applies)."""
