@@ -57,7 +57,7 @@ async def serve(brokers: Sequence[BrokerAddress], root: str) -> None:
                 hidden, sid=msg.sid, cid=msg.cid, model=msg.model, step=msg.step, pos=msg.pos,
                 layer=msg.layer + 1, route=(*msg.route, hop),
             )  # fmt: skip
-            await mc.publish(pong, wire.encode(out), qos=T.NODE_LAYER.qos, wait_all=False)
+            await mc.publish(pong, wire.encode(out), qos=T.NODE_LAYER.qos)
 
 
 def _die_with_parent() -> Callable[[], None]:
@@ -126,9 +126,7 @@ async def echo_latency(
             tensor, sid=T.SessionId("echo"), cid=T.ClientId("bench"), model="echo", step=i,
             pos=0, layer=0,
         )  # fmt: skip
-        sent = asyncio.ensure_future(
-            mc.publish(ping, wire.encode(msg), qos=T.NODE_LAYER.qos, wait_all=False)
-        )
+        sent = asyncio.ensure_future(mc.publish(ping, wire.encode(msg), qos=T.NODE_LAYER.qos))
         try:
             t1 = await asyncio.wait_for(asyncio.shield(arrived[i]), timeout)
         finally:

@@ -165,9 +165,8 @@ class RemoteModel:
             # Sessions stepping together (their results came back together) enter as one bundle.
             self._outbox = Outbox(self._mesh)
             self._forwarder = Forwarder(
-                self._mesh, self.topics, self.view, model=self.model,
+                self._outbox, self.topics, self.view, model=self.model,
                 num_layers=self.num_layers, me=self.client_id, on_error=self._fail,
-                outbox=self._outbox,
             )  # fmt: skip
             self._tg = asyncio.TaskGroup()
             await self._tg.__aenter__()

@@ -24,7 +24,6 @@ from jarvis_mqtt.errors import MeshError
 from jarvis_mqtt.membership import MeshView
 from jarvis_mqtt.outbox import Outbox
 from jarvis_mqtt.routing import next_hop
-from jarvis_mqtt.transport import MeshClient
 
 log = logging.getLogger("jarvis.forward")
 # A route that finds no live node is tried again for this long, reading statuses meanwhile:
@@ -49,7 +48,7 @@ class Forwarder:
 
     def __init__(
         self,
-        mesh: MeshClient,
+        outbox: Outbox,
         topics: T.Topics,
         view: MeshView,
         *,
@@ -58,11 +57,9 @@ class Forwarder:
         me: str,
         on_error: OnError,
         custody: Custody | None = None,
-        outbox: Outbox | None = None,
     ) -> None:
-        self.mesh, self.topics, self.view = mesh, topics, view
         # Sends of one wave (or of sessions stepping together) leave as one bundle per node.
-        self.outbox = outbox or Outbox(mesh)
+        self.outbox, self.topics, self.view = outbox, topics, view
         self.model, self.num_layers, self.me = model, num_layers, me
         self.on_error = on_error
         self.custody = custody or Custody()

@@ -274,6 +274,7 @@ async def trace_steps(
                 parsed = conn.topics.parse(m.topic)
             except WireError:
                 continue
+            to = parsed.node_id if isinstance(parsed, T.LayerTopic) else None
             for part in parts:
                 if isinstance(parsed, T.AckTopic):
                     _fold_ack(builder, part)  # acks name no session: placed by message id
@@ -284,7 +285,6 @@ async def trace_steps(
                     msg = wire.decode(part, max_bytes=len(part))
                 except WireError:
                     continue
-                to = parsed.node_id if isinstance(parsed, T.LayerTopic) else None
                 for st in builder.add(msg, to=to, received=time.time()):
                     yield st
 

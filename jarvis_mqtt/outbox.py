@@ -55,16 +55,20 @@ class Outbox:
         only where something must wait for the message to be out, like an ack for it."""
         done = asyncio.get_running_loop().create_future()
         self._waiting.setdefault((topic, qos), []).append((payload, done))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_all(), name="outbox")
+        self._start()
         return done
 
     async def flush(self) -> None:
         """Publish what is queued now, and wait for what is being published."""
-        if self._waiting and (self._flusher is None or self._flusher.done()):
-            self._flusher = asyncio.create_task(self._flush_all(), name="outbox")
+        if self._waiting:
+            self._start()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
+
+    def _start(self) -> None:
+        # One flusher at a time; it takes whatever was posted while it published.
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_all(), name="outbox")
 
     @property
     def pending(self) -> int:
@@ -79,7 +83,7 @@ class Outbox:
                     payload = wire.bundle([p for p, _ in chunk])
                     ok = True
                     try:
-                        await self.mesh.publish(topic, payload, qos=qos, wait_all=False)
+                        await self.mesh.publish(topic, payload, qos=qos)
                     except JarvisError as e:  # the chain of custody re-sends what mattered
                         log.warning("%d message(s) on %s not sent: %s", len(chunk), topic, e)
                         ok = False

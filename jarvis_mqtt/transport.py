@@ -217,15 +217,13 @@ class MeshClient:
         *,
         qos: int = 1,
         retain: bool = False,
-        wait_all: bool = True,
     ) -> int:
-        """Publish to every connected broker; returns how many acknowledged it.
+        """Publish to every connected broker; returns how many took it.
 
-        Waits up to `publish_timeout` for a broker when none is connected, and never longer
-        than that for any one broker; MeshError when no broker took the message. With
-        `wait_all=False` it returns at the first acknowledgement and the other brokers' copies
-        complete in the background: a sender on the hot path is not held up by a broker that
-        is dying (its acknowledgement only comes when the connection is seen to drop).
+        Waits up to `publish_timeout` for a broker when none is connected; MeshError when no
+        broker took the message. QoS 0 (activations, results, acks, heartbeats) is handed to
+        each connection and not waited for, so a dying broker holds no sender up; QoS 1 and 2
+        wait for every broker's acknowledgement, never longer than `publish_timeout` each.
         """
         _check_topic(aiomqtt.Topic, topic, qos)
         if len(payload) > self._max_payload:
@@ -244,8 +242,6 @@ class MeshClient:
         if qos == 0:
             # Nothing to wait for: handed to each connection's writer in this call.
             acked = sum(link.publish_now(topic, payload, retain) for link in links)
-        elif not wait_all and self._tg is not None:
-            acked = await self._first_ack(links, topic, payload, qos, retain)
         else:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -259,22 +255,6 @@ class MeshClient:
         if acked == 0:
             raise MeshError(f"no broker accepted the message on {topic!r}")
         self.counters.published += 1
-        return acked
-
-    async def _first_ack(
-        self, links: list[_Link], topic: str, payload: bytes, qos: int, retain: bool
-    ) -> int:
-        assert self._tg is not None
-        # Owned by the client's task group: copies still in flight finish (or are cancelled
-        # with their connection) after we return; each is bounded by publish_timeout.
-        pending = {
-            self._tg.create_task(link.publish(topic, payload, qos, retain), name=f"publish {link}")
-            for link in links
-        }
-        acked = 0
-        while pending and not acked:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            acked += sum(1 for t in done if not t.cancelled() and t.result())
         return acked
 
     def messages(self) -> AsyncIterator[MeshMessage]:

@@ -162,8 +162,8 @@ class NodeAgent:
             for layer in range(cfg.start, cfg.end):
                 await mesh.subscribe(self.topics.node_layer(cfg.model, layer, cfg.node_id))
             self._forwarder = Forwarder(
-                mesh, self.topics, self.view, model=cfg.model, num_layers=md.num_layers,
-                me=cfg.node_id, on_error=self._reject_str, outbox=outbox,
+                outbox, self.topics, self.view, model=cfg.model, num_layers=md.num_layers,
+                me=cfg.node_id, on_error=self._reject_str,
             )  # fmt: skip
             await mesh.subscribe(self.topics.ack(cfg.node_id))
             await mesh.subscribe(self.topics.session_free(cfg.model))
@@ -212,8 +212,6 @@ class NodeAgent:
                 # Polled: custody changes in several places; this runs once, at shutdown.
                 while self._busy or self._sending or (forwarder and forwarder.custody.pending):  # noqa: ASYNC110
                     await asyncio.sleep(CUSTODY_TICK)
-                if self._outbox is not None:
-                    await self._outbox.flush()
         except TimeoutError:
             log.warning("%s: left with messages not yet acknowledged", self.cfg.node_id)
 
