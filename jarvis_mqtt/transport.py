@@ -430,20 +430,44 @@ class _Link:
             self._inflight.discard(task)
 
     def publish_now(self, topic: str, payload: bytes, retain: bool) -> bool:
-        """A QoS 0 publish handed to paho without waiting; False if the connection refused it.
+        """A QoS 0 publish written to the socket in this call; False if the connection
+        refused it.
 
-        paho queues it and has aiomqtt's socket writer send it at the next turn of the loop.
-        aiomqtt's own `publish` would then wake the caller through an event and a timeout,
-        a task and two more turns of the loop per copy, for nothing QoS 0 waits for. (Writing
-        here with paho's `loop_write` is faster still, but races aiomqtt's deferred writer
-        registration and can leave a writer registered on an always-writable socket.)
+        aiomqtt's `publish` would wait, through an event, a timeout and a task per copy, for
+        a confirmation QoS 0 does not have. Left to itself, paho would then queue the packet
+        and have aiomqtt register a socket writer through `call_soon_threadsafe` (a self-pipe
+        write, two `epoll_ctl` and two more turns of the loop per copy). Here paho is told a
+        writer is already registered, so it schedules none, and the packet is written at
+        once; only what the socket does not take now gets a writer, the usual way. (Writing
+        without that flag raced the deferred registration: a writer left on an
+        always-writable socket, and the node spun.)
         """
         client = self.client
         if client is None:
             return False
         paho = client._client  # aiomqtt keeps its paho client there, with no public accessor
-        info = paho.publish(topic, payload, qos=0, retain=retain)
-        return info.rc == paho_mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        # paho's own condition for writing in place: not inside one of its callbacks (the
+        # write may run `on_publish` under the non-reentrant callback lock).
+        if not paho._in_callback_mutex.acquire(blocking=False):
+            info = paho.publish(topic, payload, qos=0, retain=retain)
+            return info.rc == paho_mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        paho._in_callback_mutex.release()
+        registered = paho._registered_write  # a writer is already draining earlier packets
+        paho._registered_write = True  # no deferred registration from `publish`
+        try:
+            info = paho.publish(topic, payload, qos=0, retain=retain)
+            ok = info.rc == paho_mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+            if ok:
+                try:
+                    paho.loop_write()  # a lost connection goes through paho's rc handling
+                except Exception:  # noqa: BLE001 - left to aiomqtt's writer, which disconnects
+                    log.debug("writing to %s failed; left to the writer", self, exc_info=True)
+        finally:
+            if not registered:
+                paho._registered_write = False
+                if paho.want_write():  # what the socket did not take now: the usual writer
+                    paho._call_socket_register_write()
+        return ok
 
     async def subscribe(self, filters: list[tuple[str, int]]) -> bool:
         """Subscribe over this connection; False if it failed (the next connect re-applies)."""
