@@ -460,7 +460,7 @@ class _Link:
             if ok:
                 try:
                     paho.loop_write()  # a lost connection goes through paho's rc handling
-                except Exception:  # noqa: BLE001 - left to aiomqtt's writer, which disconnects
+                except Exception:  # left to aiomqtt's writer, which meets it and disconnects
                     log.debug("writing to %s failed; left to the writer", self, exc_info=True)
         finally:
             if not registered:

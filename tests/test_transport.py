@@ -308,6 +308,40 @@ def test_payload_limits(mosquitto: Broker, topic_root: str) -> None:
     run(main())
 
 
+def test_qos0_larger_than_the_socket_takes_arrives_whole_and_leaves_no_spin(
+    brokers: list[Broker], topic_root: str
+) -> None:
+    """QoS 0 is written in the publishing call; what the socket does not take at once goes
+    out through a writer, which is removed when done (a writer left on an always-writable
+    socket would spin the loop: CPU time while idle shows it)."""
+    topic, addrs = f"{topic_root}/qos0", [b.address for b in brokers]
+    sizes = [5, 7]  # big ones exceed a socket's buffer
+
+    async def main() -> float:
+        async with mesh(addrs, "sub") as sub, mesh(addrs, "pub") as pub:
+            await sub.wait_connected(2)
+            await pub.wait_connected(2)
+            await sub.subscribe(topic)
+            sent = [bytes([i]) * n for i, n in enumerate(sizes)]
+            got: list[MeshMessage] = []
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(collect(sub, got, len(sent) - 1), name="collect")
+                for payload in sent[:-1]:  # back to back: later ones queue behind partial writes
+                    assert await pub.publish(topic, payload, qos=0) == 2
+            async with asyncio.TaskGroup() as tg:  # then one alone, on an idle connection
+                tg.create_task(collect(sub, got, len(sent)), name="collect")
+                assert await pub.publish(topic, sent[-1], qos=0) == 2
+            assert [m.payload for m in got] == sent  # whole, once each, in order
+            await asyncio.sleep(0.2)
+            assert sub.counters.received == 2 * len(sent)
+            cpu = time.process_time()
+            await asyncio.sleep(1.0)
+            return time.process_time() - cpu
+
+    idle_cpu = run(main(), timeout=60.0)
+    assert idle_cpu < 0.3, f"{idle_cpu:.2f} s of CPU in 1 s idle: a writer is spinning"
+
+
 def test_hop_latency_4k(mosquitto: Broker, topic_root: str) -> None:
     """Print the time from publish to delivery of a 4 KiB payload through one broker."""
     topic = f"{topic_root}/lat"
