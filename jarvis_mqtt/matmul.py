@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -70,15 +71,26 @@ def _split_pays(w_t: torch.Tensor, pool: ThreadPoolExecutor, helpers: int) -> bo
     return pays
 
 
-def transposed(*weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`cat(weights).t().to(dtype)` as one contiguous `(in, out)` tensor, written in place: no
-    temporary copy (cast or transposed), whose freed pages the allocator would keep and the
-    process would carry. The weights are only read: they may be views of a mapped file.
+# Makes an uninitialised tensor of a shape and dtype: `torch.empty`, or a `WeightArena`'s.
+Alloc = Callable[[Sequence[int], torch.dtype], torch.Tensor]
+
+
+def _torch_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype)
+
+
+def transposed(
+    *weights: torch.Tensor, dtype: torch.dtype | None = None, alloc: Alloc = _torch_empty
+) -> torch.Tensor:
+    """`cat(weights).t().to(dtype)` as one contiguous `(in, out)` tensor from `alloc`, written
+    in place: no temporary copy (cast or transposed), whose freed pages the allocator would
+    keep and the process would carry. The weights are only read: they may be views of a
+    mapped file.
 
     Without grad: copying from a `Parameter` would record an autograd graph on the result that
     keeps every source weight alive (and a mapped file resident) as long as the copy lives."""
     rows = sum(w.shape[0] for w in weights)
-    out = torch.empty(weights[0].shape[1], rows, dtype=dtype or weights[0].dtype)
+    out = alloc((weights[0].shape[1], rows), dtype or weights[0].dtype)
     col = 0
     with torch.no_grad():
         for w in weights:

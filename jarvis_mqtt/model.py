@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jarvis_mqtt.errors import ConfigError
-from jarvis_mqtt.matmul import matmul_t, transposed
+from jarvis_mqtt.matmul import Alloc, matmul_t, transposed
 
 if TYPE_CHECKING:
     from jarvis_mqtt.rope import RopeAngles
@@ -289,15 +289,22 @@ class Attention(nn.Module):
         self.qkv_bias: torch.Tensor | None = None
         self.o_t: torch.Tensor | None = None
 
-    def fuse(self, dtype: torch.dtype | None = None) -> None:
+    @staticmethod
+    def fused_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+        """Shapes of the matrices `fuse` makes: qkv and o, `(in, out)`."""
+        hd, h, kv = args.head_dim, args.num_heads, args.num_kv_heads
+        return [(args.hidden_size, (h + 2 * kv) * hd), (h * hd, args.hidden_size)]
+
+    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> None:
         """Replace the loaded projections by transposed, fused copies (fewer, faster GEMVs),
-        cast to `dtype` (default: the loaded one) in the same copy."""
+        cast to `dtype` (default: the loaded one) in the same copy, made by `alloc`."""
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        self.qkv_t = transposed(q.weight, k.weight, v.weight, dtype=dtype)
+        kw = {} if alloc is None else {"alloc": alloc}
+        self.qkv_t = transposed(q.weight, k.weight, v.weight, dtype=dtype, **kw)
         if self.args.attention_bias:
             with torch.no_grad():  # no graph holding the loaded biases, see `transposed`
                 self.qkv_bias = torch.cat([q.bias, k.bias, v.bias]).to(self.qkv_t.dtype)
-        self.o_t = transposed(self.o_proj.weight, dtype=dtype)
+        self.o_t = transposed(self.o_proj.weight, dtype=dtype, **kw)
         _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
     def forward(
@@ -418,11 +425,21 @@ class MLP(nn.Module):
         self.gate_up_t: torch.Tensor | None = None
         self.down_t: torch.Tensor | None = None
 
-    def fuse(self, dtype: torch.dtype | None = None) -> None:
+    @staticmethod
+    def fused_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+        """Shapes of the matrices `fuse` makes: gate and up, and down, `(in, out)`."""
+        return [
+            (args.hidden_size, 2 * args.intermediate_size),
+            (args.intermediate_size, args.hidden_size),
+        ]
+
+    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> None:
         """Replace the loaded projections by transposed copies, gate and up fused, cast to
-        `dtype` (default: the loaded one) in the same copy."""
-        self.gate_up_t = transposed(self.gate_proj.weight, self.up_proj.weight, dtype=dtype)
-        self.down_t = transposed(self.down_proj.weight, dtype=dtype)
+        `dtype` (default: the loaded one) in the same copy, made by `alloc`."""
+        kw = {} if alloc is None else {"alloc": alloc}
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        self.gate_up_t = transposed(gate, up, dtype=dtype, **kw)
+        self.down_t = transposed(self.down_proj.weight, dtype=dtype, **kw)
         _release(self.gate_proj, self.up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -450,10 +467,15 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
             self.post_feedforward_layernorm = RMSNorm(args.hidden_size, eps, offset)
 
-    def fuse(self, dtype: torch.dtype | None = None) -> None:
+    @staticmethod
+    def fused_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+        """Shapes of the matrices `fuse` makes for one layer."""
+        return [*Attention.fused_shapes(args), *MLP.fused_shapes(args)]
+
+    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> None:
         """Fuse and transpose the projections of attention and MLP, see `Attention.fuse`."""
-        self.self_attn.fuse(dtype)
-        self.mlp.fuse(dtype)
+        self.self_attn.fuse(dtype, alloc)
+        self.mlp.fuse(dtype, alloc)
 
     def forward(
         self,

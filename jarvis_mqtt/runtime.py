@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from jarvis_mqtt.errors import CacheMissError, SessionError
-from jarvis_mqtt.matmul import transposed
+from jarvis_mqtt.hugepages import WeightArena, arena_bytes
+from jarvis_mqtt.matmul import Alloc, transposed
 from jarvis_mqtt.model import (
     DecoderLayer,
     LayerCache,
@@ -40,11 +41,12 @@ def _owned(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype, copy=True)
 
 
-def _load_layer(layer: DecoderLayer, model_dir: ModelDir, dtype: torch.dtype) -> None:
+def _load_layer(layer: DecoderLayer, model_dir: ModelDir, dtype: torch.dtype, alloc: Alloc) -> None:
     """Load one layer's file into `layer` and fuse it; the file is unmapped on return.
 
     Projection weights go in as views of the mapping and `fuse` copies them, transposed and
-    cast in one pass; the small tensors (norms, biases) are copied here.
+    cast in one pass, into memory from `alloc`; the small tensors (norms, biases) are copied
+    here.
     """
     tensors = model_dir.load_layer(layer.index)
     for name, tensor in tensors.items():
@@ -52,7 +54,7 @@ def _load_layer(layer: DecoderLayer, model_dir: ModelDir, dtype: torch.dtype) ->
             tensors[name] = _owned(tensor, dtype)
     layer.load_state_dict(tensors, assign=True)
     del tensors
-    layer.fuse(dtype)
+    layer.fuse(dtype, alloc)
 
 
 class EmbedStage(nn.Module):
@@ -113,12 +115,14 @@ def load_client_stages(
         head = HeadStage(args)
     norm = {"norm.weight": _owned(tensors["norm.weight"], dtype)}
     head.load_state_dict(norm, assign=True, strict=False)
+    head_w = tensors.get("lm_head.weight", tensors["embed_tokens.weight"])
+    arena = WeightArena(arena_bytes([(head_w.shape, dtype)]))  # huge pages, see hugepages.py
     if "lm_head.weight" in tensors:
-        head.lm_head_t = transposed(tensors["lm_head.weight"], dtype=dtype)
+        head.lm_head_t = transposed(head_w, dtype=dtype, alloc=arena.empty)
         table = _owned(tensors["embed_tokens.weight"], dtype)
         embed.load_state_dict({"embed_tokens.weight": table}, assign=True)
     else:  # tied: one transposed table serves both stages
-        head.lm_head_t = embed.table_t = transposed(tensors["embed_tokens.weight"], dtype=dtype)
+        head.lm_head_t = embed.table_t = transposed(head_w, dtype=dtype, alloc=arena.empty)
         embed.embed_tokens = None  # the meta placeholder is not needed
     head.lm_head = None
     return embed.eval(), head.eval()
@@ -205,9 +209,12 @@ class LayerSpan(nn.Module):
         dtype = dtype or model_dir.dtype
         with torch.device("meta"):
             span = cls(args, start, end, dtype=dtype, **kwargs)  # type: ignore[arg-type]
+        # Every fused matrix of the span in one mapping on huge pages, see hugepages.py.
+        shapes = DecoderLayer.fused_shapes(args) * (end - start)
+        arena = WeightArena(arena_bytes([(shape, dtype) for shape in shapes]))
         for layer in span.layers:  # layer by layer: one file mapped at a time
             assert isinstance(layer, DecoderLayer)
-            _load_layer(layer, model_dir, dtype)
+            _load_layer(layer, model_dir, dtype, arena.empty)
         return span.eval()
 
     def fuse(self) -> None:

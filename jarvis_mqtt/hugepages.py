@@ -1,0 +1,92 @@
+"""Weights on transparent huge pages: one anonymous mapping per loaded stage.
+
+Decode streams every weight once per token, so with 4 KiB pages each matrix row block costs a
+TLB miss and a page-table walk, and a node that has just woken for its next token walks cold
+page tables. Linux backs 2 MiB-aligned ranges of a private anonymous mapping with huge pages
+when asked (`madvise(MADV_HUGEPAGE)`, which the common `transparent_hugepage=madvise` setting
+waits for). torch's allocator does this only for single allocations of 2 MiB and more
+(`THP_MEM_ALLOC_ENABLE`), about half of a SmolLM2 layer; an arena sized for the whole stage
+puts all of it on huge pages and wastes at most the last, partly used one.
+
+Where huge pages are not available (another OS, THP off) the mapping is ordinary memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import re
+from collections.abc import Sequence
+
+import torch
+
+log = logging.getLogger("jarvis.hugepages")
+
+HUGE_PAGE = 2 << 20
+ALIGN = 64  # bytes: a cache line, what torch's own allocator gives
+
+
+class WeightArena:
+    """Hands out tensors carved from one mapping of `nbytes` (plus alignment); a request that
+    does not fit, or any platform without anonymous `mmap`, gets ordinary `torch.empty`.
+
+    Tensors keep the mapping alive: it is unmapped when the last of them is freed.
+    """
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._buf: torch.Tensor | None = None
+        self._off = 0
+        try:
+            # Private and anonymous: shared anonymous memory is shmem, which THP leaves alone.
+            mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (AttributeError, OSError, ValueError) as e:  # not POSIX, or out of memory
+            log.debug("no weight arena (%s): weights use torch's allocator", e)
+            return
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+            except OSError as e:  # a kernel without THP: ordinary pages
+                log.debug("madvise(MADV_HUGEPAGE) refused: %s", e)
+        self._buf = torch.frombuffer(mapping, dtype=torch.uint8)
+        self._off = -self._buf.data_ptr() % HUGE_PAGE  # start on a huge page boundary
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype`, from the arena when it fits."""
+        n = 1
+        for d in shape:
+            n *= d
+        nbytes = n * dtype.itemsize
+        start = -(-self._off // ALIGN) * ALIGN
+        if self._buf is None or start + nbytes > self._buf.numel():
+            return torch.empty(tuple(shape), dtype=dtype)
+        self._off = start + nbytes
+        return self._buf[start : start + nbytes].view(dtype).view(tuple(shape))
+
+    def contains(self, t: torch.Tensor) -> bool:
+        """Whether `t` lives in this arena."""
+        if self._buf is None:
+            return False
+        base = self._buf.data_ptr()
+        return base <= t.data_ptr() < base + self._buf.numel()
+
+
+def arena_bytes(shapes: Sequence[tuple[Sequence[int], torch.dtype]]) -> int:
+    """Bytes an arena needs for tensors of these shapes and dtypes, each cache-line aligned."""
+    total = 0
+    for shape, dtype in shapes:
+        n = 1
+        for d in shape:
+            n *= d
+        total += -(-(n * dtype.itemsize) // ALIGN) * ALIGN
+    return total
+
+
+def anon_huge_bytes() -> int:
+    """Bytes of this process's memory on transparent huge pages (0 where Linux does not say)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            found = re.search(r"^AnonHugePages:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return 0
+    return int(found.group(1)) * 1024 if found else 0
