@@ -6,7 +6,8 @@ page tables. Linux backs 2 MiB-aligned ranges of a private anonymous mapping wit
 when asked (`madvise(MADV_HUGEPAGE)`, which the common `transparent_hugepage=madvise` setting
 waits for). torch's allocator does this only for single allocations of 2 MiB and more
 (`THP_MEM_ALLOC_ENABLE`), about half of a SmolLM2 layer; an arena sized for the whole stage
-puts all of it on huge pages and wastes at most the last, partly used one.
+puts all of it on huge pages but the tail after its last whole one, which is not advised and
+stays on small pages, so no memory is spent on a partly used huge page.
 
 Where huge pages are not available (another OS, THP off) the mapping is ordinary memory.
 """
@@ -22,7 +23,18 @@ import torch
 
 log = logging.getLogger("jarvis.hugepages")
 
-HUGE_PAGE = 2 << 20
+
+def _huge_page_size() -> int:
+    """The kernel's transparent huge page size (2 MiB on x86-64 and 4 KiB-page arm64, 32 MiB
+    with 16 KiB pages as on a Raspberry Pi 5); 2 MiB where it does not say."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20
+
+
+HUGE_PAGE = _huge_page_size()
 ALIGN = 64  # bytes: a cache line, what torch's own allocator gives
 
 
@@ -43,13 +55,14 @@ class WeightArena:
         except (AttributeError, OSError, ValueError) as e:  # not POSIX, or out of memory
             log.debug("no weight arena (%s): weights use torch's allocator", e)
             return
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            try:
-                mapping.madvise(mmap.MADV_HUGEPAGE)
-            except OSError as e:  # a kernel without THP: ordinary pages
-                log.debug("madvise(MADV_HUGEPAGE) refused: %s", e)
         self._buf = torch.frombuffer(mapping, dtype=torch.uint8)
         self._off = -self._buf.data_ptr() % HUGE_PAGE  # start on a huge page boundary
+        whole = nbytes // HUGE_PAGE * HUGE_PAGE  # the tail after it stays on small pages
+        if whole and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mapping.madvise(mmap.MADV_HUGEPAGE, self._off, whole)
+            except OSError as e:  # a kernel without THP: ordinary pages
+                log.debug("madvise(MADV_HUGEPAGE) refused: %s", e)
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of `shape` and `dtype`, from the arena when it fits."""

@@ -66,7 +66,10 @@ def test_span_and_head_weights_live_on_huge_pages(smollm2_dir: ModelDir) -> None
     assert len(bases) == 1  # one mapping for the whole span
     shapes = DecoderLayer.fused_shapes(span.args) * 3
     want = arena_bytes([(s, span.dtype) for s in shapes]) + head.lm_head_t.nbytes
-    if _thp_mode() not in ("always", "madvise"):
+    mode = _thp_mode()
+    if mode not in ("always", "madvise"):
         pytest.skip("this kernel gives no transparent huge pages on request")
     got = anon_huge_bytes() - before
-    assert got >= want - 2 * HUGE_PAGE, (got, want)  # all but the partly used last pages
+    assert got > want - 2 * HUGE_PAGE, (got, want)  # all but each arena's tail
+    if mode == "madvise":  # only what was advised: the tails stay on small pages
+        assert got <= want, (got, want)
