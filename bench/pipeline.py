@@ -46,6 +46,8 @@ SESSION_ROUNDS = 3  # timed rounds of (c), after one warm-up, interleaved 1 / 8 
 ECHO_FLOATS = 1024  # float32: a 4 KiB activation
 ECHO_COUNT = 300
 ECHO_WARMUP = 30
+ECHO_IDLE = 0.05  # seconds: about a token's time in the mesh, what a node waits between hops
+ECHO_IDLE_COUNT = 60
 TARGET_EFFICIENCY = 0.85
 TARGET_HOP_MS = 0.6
 TARGET_CONCURRENCY = 3.0
@@ -420,7 +422,7 @@ def _concurrency_figures(
     sec.context["node_counter_deltas_steps_tokens"] = batches
 
 
-def echo_figures(sec: Section, rtts2: list[float], rtts1: list[float]) -> None:
+def echo_figures(sec: Section, rtts2: list[float], rtts1: list[float], idle2: list[float]) -> None:
     """(b): per hop = round trip / 2."""
     hops2 = [r / 2 * 1e3 for r in rtts2]
     hops1 = [r / 2 * 1e3 for r in rtts1]
@@ -451,6 +453,20 @@ def echo_figures(sec: Section, rtts2: list[float], rtts1: list[float]) -> None:
                 value=round(statistics.median(hops1), 3), unit="ms",
                 inputs={"p90": round(percentile(hops1, 90), 3)},
                 how=f"context: relay and publisher on one broker; p90 {percentile(hops1, 90):.3f}",
+            )
+        )  # fmt: skip
+    if idle2:
+        cold = [r / 2 * 1e3 for r in idle2]
+        sec.add(
+            Figure(
+                key="hop_latency_after_idle_ms_median", label="per hop after 50 ms idle (median)",
+                value=round(statistics.median(cold), 3), unit="ms",
+                inputs={"p90": round(percentile(cold, 90), 3), "round_trips": len(cold)},
+                how=(
+                    f"context: {BROKERS} brokers, {ECHO_IDLE * 1e3:.0f} ms of sleep (untimed) "
+                    "before each ping, as nodes and brokers wait between tokens; "
+                    f"p90 {percentile(cold, 90):.3f}"
+                ),
             )
         )  # fmt: skip
 
@@ -512,18 +528,20 @@ def run(md: ModelDir) -> Section:
         asyncio.run(measure_mesh(md, mesh, local, sec, pids))
         del local
         memory_figures(sec, md, mesh)
-        rtts: dict[int, list[float]] = {}
-        for brokers in (mesh.addresses, mesh.addresses[:1]):
-            proc = relay.start(brokers, f"{root}/echo{len(brokers)}", run_dir / "relay.log")
+        rtts: dict[tuple[int, float], list[float]] = {}
+        runs = [(BROKERS, 0.0), (1, 0.0), (BROKERS, ECHO_IDLE)]
+        for n, idle in runs:
+            brokers, echo = mesh.addresses[:n], f"{root}/echo{n}-{len(rtts)}"
+            proc = relay.start(brokers, echo, run_dir / "relay.log")
             relays.append(proc)
-            rtts[len(brokers)] = asyncio.run(
+            rtts[n, idle] = asyncio.run(
                 relay.echo_latency(
-                    brokers, f"{root}/echo{len(brokers)}", floats=ECHO_FLOATS,
-                    count=ECHO_COUNT, warmup=ECHO_WARMUP,
+                    brokers, echo, floats=ECHO_FLOATS, warmup=ECHO_WARMUP if not idle else 5,
+                    count=ECHO_COUNT if not idle else ECHO_IDLE_COUNT, idle=idle,
                 )
             )  # fmt: skip
             relay.stop(proc)
-        echo_figures(sec, rtts[BROKERS], rtts.get(1, []))
+        echo_figures(sec, rtts[BROKERS, 0.0], rtts[1, 0.0], rtts[BROKERS, ECHO_IDLE])
     except BaseException:
         print(f"pipeline bench failed; logs in {run_dir}")
         raise

@@ -98,12 +98,15 @@ async def echo_latency(
     floats: int,
     count: int,
     warmup: int,
+    idle: float = 0.0,
     ready_timeout: float = 60.0,
 ) -> list[float]:
     """Round-trip seconds of `count` sequential activations of `floats` float32 through a relay.
 
     Timed from before encoding the ping to after decoding the pong: two hops, each with what a
     node does around its compute (encode, publish to every broker, deliver, dedup, decode).
+    With `idle`, every process sleeps that long (untimed) before each ping, as a pipeline's
+    nodes and brokers do between one token and the next.
     """
     ping, pong = _topics(root)
     arrived: dict[int, asyncio.Future[float]] = {}
@@ -152,6 +155,8 @@ async def echo_latency(
                             raise
                         seq += 1
                 for i in range(warmup + count):
+                    if idle:
+                        await asyncio.sleep(idle)
                     rtt = await once(i, 10.0)
                     if i >= warmup:
                         rtts.append(rtt)
