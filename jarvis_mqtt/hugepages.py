@@ -15,6 +15,7 @@ Where huge pages are not available (another OS, THP off) the mapping is ordinary
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import re
 from collections.abc import Sequence
@@ -66,10 +67,7 @@ class WeightArena:
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised tensor of `shape` and `dtype`, from the arena when it fits."""
-        n = 1
-        for d in shape:
-            n *= d
-        nbytes = n * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         start = -(-self._off // ALIGN) * ALIGN
         if self._buf is None or start + nbytes > self._buf.numel():
             return torch.empty(tuple(shape), dtype=dtype)
@@ -86,13 +84,7 @@ class WeightArena:
 
 def arena_bytes(shapes: Sequence[tuple[Sequence[int], torch.dtype]]) -> int:
     """Bytes an arena needs for tensors of these shapes and dtypes, each cache-line aligned."""
-    total = 0
-    for shape, dtype in shapes:
-        n = 1
-        for d in shape:
-            n *= d
-        total += -(-(n * dtype.itemsize) // ALIGN) * ALIGN
-    return total
+    return sum(-(-(math.prod(shape) * dtype.itemsize) // ALIGN) * ALIGN for shape, dtype in shapes)
 
 
 def anon_huge_bytes() -> int:

@@ -75,12 +75,13 @@ def _split_pays(w_t: torch.Tensor, pool: ThreadPoolExecutor, helpers: int) -> bo
 Alloc = Callable[[Sequence[int], torch.dtype], torch.Tensor]
 
 
-def _torch_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+def torch_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The default `Alloc`: torch's own allocator."""
     return torch.empty(tuple(shape), dtype=dtype)
 
 
 def transposed(
-    *weights: torch.Tensor, dtype: torch.dtype | None = None, alloc: Alloc = _torch_empty
+    *weights: torch.Tensor, dtype: torch.dtype | None = None, alloc: Alloc = torch_empty
 ) -> torch.Tensor:
     """`cat(weights).t().to(dtype)` as one contiguous `(in, out)` tensor from `alloc`, written
     in place: no temporary copy (cast or transposed), whose freed pages the allocator would

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jarvis_mqtt.errors import ConfigError
-from jarvis_mqtt.matmul import Alloc, matmul_t, transposed
+from jarvis_mqtt.matmul import Alloc, matmul_t, torch_empty, transposed
 
 if TYPE_CHECKING:
     from jarvis_mqtt.rope import RopeAngles
@@ -295,16 +295,15 @@ class Attention(nn.Module):
         hd, h, kv = args.head_dim, args.num_heads, args.num_kv_heads
         return [(args.hidden_size, (h + 2 * kv) * hd), (h * hd, args.hidden_size)]
 
-    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> None:
+    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc = torch_empty) -> None:
         """Replace the loaded projections by transposed, fused copies (fewer, faster GEMVs),
         cast to `dtype` (default: the loaded one) in the same copy, made by `alloc`."""
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        kw = {} if alloc is None else {"alloc": alloc}
-        self.qkv_t = transposed(q.weight, k.weight, v.weight, dtype=dtype, **kw)
+        self.qkv_t = transposed(q.weight, k.weight, v.weight, dtype=dtype, alloc=alloc)
         if self.args.attention_bias:
             with torch.no_grad():  # no graph holding the loaded biases, see `transposed`
                 self.qkv_bias = torch.cat([q.bias, k.bias, v.bias]).to(self.qkv_t.dtype)
-        self.o_t = transposed(self.o_proj.weight, dtype=dtype, **kw)
+        self.o_t = transposed(self.o_proj.weight, dtype=dtype, alloc=alloc)
         _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
     def forward(
@@ -433,13 +432,12 @@ class MLP(nn.Module):
             (args.intermediate_size, args.hidden_size),
         ]
 
-    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> None:
+    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc = torch_empty) -> None:
         """Replace the loaded projections by transposed copies, gate and up fused, cast to
         `dtype` (default: the loaded one) in the same copy, made by `alloc`."""
-        kw = {} if alloc is None else {"alloc": alloc}
         gate, up = self.gate_proj.weight, self.up_proj.weight
-        self.gate_up_t = transposed(gate, up, dtype=dtype, **kw)
-        self.down_t = transposed(self.down_proj.weight, dtype=dtype, **kw)
+        self.gate_up_t = transposed(gate, up, dtype=dtype, alloc=alloc)
+        self.down_t = transposed(self.down_proj.weight, dtype=dtype, alloc=alloc)
         _release(self.gate_proj, self.up_proj, self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -472,7 +470,7 @@ class DecoderLayer(nn.Module):
         """Shapes of the matrices `fuse` makes for one layer."""
         return [*Attention.fused_shapes(args), *MLP.fused_shapes(args)]
 
-    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc | None = None) -> None:
+    def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc = torch_empty) -> None:
         """Fuse and transpose the projections of attention and MLP, see `Attention.fuse`."""
         self.self_attn.fuse(dtype, alloc)
         self.mlp.fuse(dtype, alloc)
