@@ -48,6 +48,7 @@ ECHO_COUNT = 300
 ECHO_WARMUP = 30
 ECHO_IDLE = 0.05  # seconds: about a token's time in the mesh, what a node waits between hops
 ECHO_IDLE_COUNT = 60
+ECHO_IDLE_WARMUP = 5
 TARGET_EFFICIENCY = 0.85
 TARGET_HOP_MS = 0.6
 TARGET_CONCURRENCY = 3.0
@@ -446,29 +447,27 @@ def echo_figures(sec: Section, rtts2: list[float], rtts1: list[float], idle2: li
             how="same runs",
         )
     )  # fmt: skip
-    if hops1:
-        sec.add(
-            Figure(
-                key="hop_latency_1_broker_ms_median", label="per hop, 1 broker only (median)",
-                value=round(statistics.median(hops1), 3), unit="ms",
-                inputs={"p90": round(percentile(hops1, 90), 3)},
-                how=f"context: relay and publisher on one broker; p90 {percentile(hops1, 90):.3f}",
-            )
-        )  # fmt: skip
-    if idle2:
-        cold = [r / 2 * 1e3 for r in idle2]
-        sec.add(
-            Figure(
-                key="hop_latency_after_idle_ms_median", label="per hop after 50 ms idle (median)",
-                value=round(statistics.median(cold), 3), unit="ms",
-                inputs={"p90": round(percentile(cold, 90), 3), "round_trips": len(cold)},
-                how=(
-                    f"context: {BROKERS} brokers, {ECHO_IDLE * 1e3:.0f} ms of sleep (untimed) "
-                    "before each ping, as nodes and brokers wait between tokens; "
-                    f"p90 {percentile(cold, 90):.3f}"
-                ),
-            )
-        )  # fmt: skip
+    sec.add(
+        Figure(
+            key="hop_latency_1_broker_ms_median", label="per hop, 1 broker only (median)",
+            value=round(statistics.median(hops1), 3), unit="ms",
+            inputs={"p90": round(percentile(hops1, 90), 3)},
+            how=f"context: relay and publisher on one broker; p90 {percentile(hops1, 90):.3f}",
+        )
+    )  # fmt: skip
+    cold = [r / 2 * 1e3 for r in idle2]
+    idle_ms = f"{ECHO_IDLE * 1e3:.0f} ms"
+    sec.add(
+        Figure(
+            key="hop_latency_after_idle_ms_median", label=f"per hop after {idle_ms} idle (median)",
+            value=round(statistics.median(cold), 3), unit="ms",
+            inputs={"p90": round(percentile(cold, 90), 3), "round_trips": len(cold)},
+            how=(
+                f"context: {BROKERS} brokers, {idle_ms} of sleep (untimed) before each ping, "
+                f"as nodes and brokers wait between tokens; p90 {percentile(cold, 90):.3f}"
+            ),
+        )
+    )  # fmt: skip
 
 
 def memory_figures(sec: Section, md: ModelDir, mesh: LocalMesh) -> None:
@@ -528,20 +527,26 @@ def run(md: ModelDir) -> Section:
         asyncio.run(measure_mesh(md, mesh, local, sec, pids))
         del local
         memory_figures(sec, md, mesh)
-        rtts: dict[tuple[int, float], list[float]] = {}
-        runs = [(BROKERS, 0.0), (1, 0.0), (BROKERS, ECHO_IDLE)]
-        for n, idle in runs:
-            brokers, echo = mesh.addresses[:n], f"{root}/echo{n}-{len(rtts)}"
+        # (brokers, idle before each ping, round trips, warm-up), in echo_figures' order
+        echo_runs = [
+            (BROKERS, 0.0, ECHO_COUNT, ECHO_WARMUP),
+            (1, 0.0, ECHO_COUNT, ECHO_WARMUP),
+            (BROKERS, ECHO_IDLE, ECHO_IDLE_COUNT, ECHO_IDLE_WARMUP),
+        ]
+        rtts: list[list[float]] = []
+        for i, (n, idle, count, warmup) in enumerate(echo_runs):
+            brokers, echo = mesh.addresses[:n], f"{root}/echo{i}"
             proc = relay.start(brokers, echo, run_dir / "relay.log")
             relays.append(proc)
-            rtts[n, idle] = asyncio.run(
-                relay.echo_latency(
-                    brokers, echo, floats=ECHO_FLOATS, warmup=ECHO_WARMUP if not idle else 5,
-                    count=ECHO_COUNT if not idle else ECHO_IDLE_COUNT, idle=idle,
+            rtts.append(
+                asyncio.run(
+                    relay.echo_latency(
+                        brokers, echo, floats=ECHO_FLOATS, count=count, warmup=warmup, idle=idle
+                    )
                 )
-            )  # fmt: skip
+            )
             relay.stop(proc)
-        echo_figures(sec, rtts[BROKERS, 0.0], rtts[1, 0.0], rtts[BROKERS, ECHO_IDLE])
+        echo_figures(sec, *rtts)
     except BaseException:
         print(f"pipeline bench failed; logs in {run_dir}")
         raise

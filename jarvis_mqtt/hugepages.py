@@ -47,7 +47,6 @@ class WeightArena:
     """
 
     def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
         self._buf: torch.Tensor | None = None
         self._off = 0
         try:
