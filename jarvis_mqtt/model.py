@@ -218,8 +218,23 @@ class RMSNorm(nn.Module):
         self._eps = torch.tensor(eps, device="cpu")  # not on the meta device spans build on
         self.offset = offset
         self.weight = nn.Parameter(torch.empty(dim))
+        self.folded = False  # set by `fold`: the scale lives in the next projection
+
+    def fold(self) -> torch.Tensor:
+        """Hand this norm's scale to the projection that reads its output: returns the factor
+        by which to scale that projection's input rows, and leaves only the normalisation here.
+
+        `x * rsqrt(mean(x²) + eps) * (offset + w)` = `x * rsqrt(sum(x²) + d eps) * sqrt(d) (offset
+        + w)`: two fewer small ops per norm (the scale, and `mean`'s division), which on a CPU
+        whose caches each weight matrix has just swept cost more than their arithmetic."""
+        dim = self.weight.shape[0]
+        self.folded = True
+        self._dim_eps = torch.tensor(dim * self.eps, device="cpu")
+        return (self.offset + self.weight.double()) * dim**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return x * torch.rsqrt((x * x).sum(-1, keepdim=True).add_(self._dim_eps))
         if x.dtype == torch.float32:  # the default: the same math in fewer dispatched ops
             # A 0-d tensor eps and x * x, not `+ 1e-6` and pow(2): Python scalars are wrapped
             # into tensors by a copy on every call, which costs more than the math here.
@@ -283,7 +298,8 @@ class Attention(nn.Module):
             self.k_norm: RMSNorm | None = RMSNorm(hd, args.rms_norm_eps, 1.0)
         else:
             self.q_norm = self.k_norm = None
-        self._scale = torch.tensor(args.attn_scale, device="cpu")  # 0-d: no per-call wrapping
+        # 0-d: no per-call wrapping; None once `fold_scale` moved it into the q projection.
+        self._scale: torch.Tensor | None = torch.tensor(args.attn_scale, device="cpu")
         # Filled by `fuse()` after loading: q, k and v in one (in, out) matrix, see `matmul_t`.
         self.qkv_t: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
@@ -305,6 +321,17 @@ class Attention(nn.Module):
                 self.qkv_bias = torch.cat([q.bias, k.bias, v.bias]).to(self.qkv_t.dtype)
         self.o_t = transposed(self.o_proj.weight, dtype=dtype, alloc=alloc)
         _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+
+    def fold_scale(self) -> None:
+        """Scale the q columns (and bias) of the fused projection by the softmax scale, so
+        that attention need not scale its scores."""
+        assert self.qkv_t is not None
+        q_cols = self.args.num_heads * self.args.head_dim
+        with torch.no_grad():
+            self.qkv_t[:, :q_cols].mul_(self.args.attn_scale)
+            if self.qkv_bias is not None:
+                self.qkv_bias[:q_cols].mul_(self.args.attn_scale)
+        self._scale = None
 
     def forward(
         self,
@@ -362,8 +389,9 @@ class Attention(nn.Module):
         if seg.length <= _SMALL_QUERY:
             o = _attend_small(qs, keys, values, mask, self._scale)
         else:
+            scale = a.attn_scale if self._scale is not None else 1.0
             o = F.scaled_dot_product_attention(
-                qs, keys, values, attn_mask=mask, scale=a.attn_scale, enable_gqa=h != kv
+                qs, keys, values, attn_mask=mask, scale=scale, enable_gqa=h != kv
             )  # (h, T_q, hd)
         return o.transpose(0, 1).reshape(seg.length, h * a.head_dim)
 
@@ -376,13 +404,16 @@ def _attend_small(
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Attention of a few queries `(h, T_q, hd)` over `(kv, T_k, hd)` keys with grouped heads."""
+    """Attention of a few queries `(h, T_q, hd)` over `(kv, T_k, hd)` keys with grouped heads;
+    `scale` None: the queries come scaled."""
     h, tq, hd = q.shape
     kv = k.shape[0]
     g = h // kv
-    scores = torch.bmm(q.reshape(kv, g * tq, hd), k.transpose(1, 2)) * scale  # (kv, g T_q, T_k)
+    scores = torch.bmm(q.reshape(kv, g * tq, hd), k.transpose(1, 2))  # (kv, g T_q, T_k)
+    if scale is not None:
+        scores = scores * scale
     if mask is not None:
         scores = scores.view(kv, g, tq, -1).masked_fill(~mask, float("-inf")).view(kv, g * tq, -1)
     if scores.dtype == torch.float32:
@@ -471,9 +502,24 @@ class DecoderLayer(nn.Module):
         return [*Attention.fused_shapes(args), *MLP.fused_shapes(args)]
 
     def fuse(self, dtype: torch.dtype | None = None, alloc: Alloc = torch_empty) -> None:
-        """Fuse and transpose the projections of attention and MLP, see `Attention.fuse`."""
-        self.self_attn.fuse(dtype, alloc)
-        self.mlp.fuse(dtype, alloc)
+        """Fuse and transpose the projections of attention and MLP, see `Attention.fuse`.
+
+        In float32 the norms in front of them hand over their scale (`RMSNorm.fold`), and so
+        does attention's softmax scale where no QK-norm sits between it and the projection
+        (RoPE is linear, so scaling q before it is the same). Other dtypes keep the order of
+        operations of the reference, which their rounding would otherwise show."""
+        attn, mlp = self.self_attn, self.mlp
+        attn.fuse(dtype, alloc)
+        mlp.fuse(dtype, alloc)
+        assert attn.qkv_t is not None and mlp.gate_up_t is not None
+        if attn.qkv_t.dtype != torch.float32:
+            return
+        pre_mlp = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+        with torch.no_grad():
+            attn.qkv_t.mul_(self.input_layernorm.fold().float().unsqueeze(1))
+            mlp.gate_up_t.mul_(pre_mlp.fold().float().unsqueeze(1))
+            if attn.q_norm is None:
+                attn.fold_scale()
 
     def forward(
         self,
