@@ -350,8 +350,8 @@ class Attention(nn.Module):
             qkv = qkv + self.qkv_bias
         if self.q_norm is not None and self.k_norm is not None:
             q, k, v = qkv.split((h * hd, kv * hd, kv * hd), dim=-1)
-            q = rope.apply(self.q_norm(q.view(n, h, hd)))
-            k = rope.apply(self.k_norm(k.view(n, kv, hd)))
+            q = rope.apply(self.q_norm.forward(q.view(n, h, hd)))
+            k = rope.apply(self.k_norm.forward(k.view(n, kv, hd)))
         else:  # q and k rotated together: one set of ops for both
             qk = rope.apply(qkv[:, : (h + kv) * hd].view(n, h + kv, hd))
             q, k = qk[:, :h], qk[:, h:]
@@ -528,12 +528,17 @@ class DecoderLayer(nn.Module):
         segments: Sequence[Segment],
         caches: Sequence[LayerCache],
     ) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), rope, segments, caches, self.window)
+        # Children's `forward` called directly: `Module.__call__` checks for hooks (none are
+        # set here), which costs 1-3 us a call on caches the last weight matrix swept.
+        attn = self.self_attn.forward(
+            self.input_layernorm.forward(x), rope, segments, caches, self.window
+        )
         if self.sandwich:
-            x = x + self.post_attention_layernorm(attn)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            x = x + self.post_attention_layernorm.forward(attn)
+            mlp = self.mlp.forward(self.pre_feedforward_layernorm.forward(x))
+            return x + self.post_feedforward_layernorm.forward(mlp)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
 
 
 def positions_of(segments: Sequence[Segment]) -> torch.Tensor:

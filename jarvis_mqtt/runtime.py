@@ -344,5 +344,5 @@ class LayerSpan(nn.Module):
             if layer.index in skip:
                 continue
             rope = local_rope if layer.sliding else global_rope
-            x = layer(x, rope, segments, [s.caches[j] for s in states])
+            x = layer.forward(x, rope, segments, [s.caches[j] for s in states])  # no hooks
         return x
