@@ -206,7 +206,7 @@ def skip_route(num_layers: int, skip: Skip) -> list[Hop]:
 def fork(span: LayerSpan, src: str, dst: str) -> None:
     """Give session `dst` a copy of session `src`'s KV caches in `span`."""
     state = span.sessions[src]
-    caches = [LayerCache(c.k.clone(), c.v.clone()) for c in state.caches]
+    caches = [LayerCache(c.kv.clone()) for c in state.caches]
     span.sessions[dst] = SessionState(caches=caches, filled=list(state.filled))
 
 

@@ -17,7 +17,7 @@ session's cache. Prefill and decode are the same call (a decode segment has leng
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +26,7 @@ from torch import nn
 
 from jarvis_mqtt.errors import ConfigError
 from jarvis_mqtt.matmul import Alloc, matmul_t, torch_empty, transposed
+from jarvis_mqtt.rope import pair_order
 
 if TYPE_CHECKING:
     from jarvis_mqtt.rope import RopeAngles
@@ -259,26 +260,34 @@ class Segment:
 
 @dataclass
 class LayerCache:
-    """Keys and values of one layer for one session, `(kv_heads, capacity, head_dim)` each."""
+    """Keys and values of one layer for one session in one tensor, `(2, kv_heads, capacity,
+    head_dim)`, so that one copy stores a step's keys and values; `k` and `v` view it."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor
+    k: torch.Tensor = field(init=False, repr=False)
+    v: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.k, self.v = self.kv[0], self.kv[1]
+
+    @classmethod
+    def zeros(cls, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype) -> LayerCache:
+        return cls(torch.zeros(2, kv_heads, capacity, head_dim, dtype=dtype))
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[1]
+        return self.kv.shape[2]
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return self.kv.numel() * self.kv.element_size()
 
     def grow(self, new_cap: int) -> None:
         """Reallocate to hold `new_cap` positions, keeping what is cached."""
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[0], new_cap, old.shape[2])
-            new[:, : old.shape[1]] = old
-            setattr(self, name, new)
+        old = self.kv
+        self.kv = old.new_zeros(2, old.shape[1], new_cap, old.shape[3])
+        self.kv[:, :, : old.shape[2]] = old
+        self.__post_init__()
 
 
 class Attention(nn.Module):
@@ -304,6 +313,9 @@ class Attention(nn.Module):
         self.qkv_t: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
         self.o_t: torch.Tensor | None = None
+        # Set by `fuse()`: q and k columns stored in pairs, rotated by one complex product
+        # (float32 without QK-norm; see `rope.pair_order`).
+        self.pairs = False
 
     @staticmethod
     def fused_shapes(args: ModelArgs) -> list[tuple[int, int]]:
@@ -321,6 +333,13 @@ class Attention(nn.Module):
                 self.qkv_bias = torch.cat([q.bias, k.bias, v.bias]).to(self.qkv_t.dtype)
         self.o_t = transposed(self.o_proj.weight, dtype=dtype, alloc=alloc)
         _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
+        self.pairs = self.qkv_t.dtype == torch.float32 and self.q_norm is None
+        if self.pairs:
+            heads = self.args.num_heads + self.args.num_kv_heads  # q and k
+            qk_cols = heads * self.args.head_dim
+            pair_order(self.qkv_t[:, :qk_cols], heads)
+            if self.qkv_bias is not None:
+                pair_order(self.qkv_bias[:qk_cols], heads)
 
     def fold_scale(self) -> None:
         """Scale the q columns (and bias) of the fused projection by the softmax scale, so
@@ -348,39 +367,41 @@ class Attention(nn.Module):
         qkv = matmul_t(x, self.qkv_t)  # (N, (h + 2 kv) hd)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k, v = qkv.split((h * hd, kv * hd, kv * hd), dim=-1)
-            q = rope.apply(self.q_norm.forward(q.view(n, h, hd)))
-            k = rope.apply(self.k_norm.forward(k.view(n, kv, hd)))
+        heads = qkv.view(n, h + 2 * kv, hd)
+        if self.pairs:  # q and k rotated in place: keys and values stay side by side
+            rope.rotate_pairs_(heads[:, : h + kv])
+            q, new_kv = heads[:, :h], heads[:, h:].view(n, 2, kv, hd)
+        elif self.q_norm is not None and self.k_norm is not None:
+            q = rope.apply(self.q_norm.forward(heads[:, :h]))
+            k = rope.apply(self.k_norm.forward(heads[:, h : h + kv]))
+            new_kv = torch.stack((k, heads[:, h + kv :]), dim=1)
         else:  # q and k rotated together: one set of ops for both
-            qk = rope.apply(qkv[:, : (h + kv) * hd].view(n, h + kv, hd))
-            q, k = qk[:, :h], qk[:, h:]
-        v = qkv[:, (h + kv) * hd :].view(n, kv, hd)
+            qk = rope.apply(heads[:, : h + kv])
+            q, new_kv = qk[:, :h], torch.stack((qk[:, h:], heads[:, h + kv :]), dim=1)
         if len(segments) == 1:  # the common case: no packing, no copy into `out`
-            return matmul_t(self._attend(q, k, v, segments[0], caches[0], window), self.o_t)
+            return matmul_t(self._attend(q, new_kv, segments[0], caches[0], window), self.o_t)
         out = torch.empty(n, h * hd, dtype=x.dtype)
         row = 0
         for seg, cache in zip(segments, caches, strict=True):
             rows = slice(row, row + seg.length)
-            out[rows] = self._attend(q[rows], k[rows], v[rows], seg, cache, window)
+            out[rows] = self._attend(q[rows], new_kv[rows], seg, cache, window)
             row += seg.length
         return matmul_t(out, self.o_t)
 
     def _attend(
         self,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        new_kv: torch.Tensor,
         seg: Segment,
         cache: LayerCache,
         window: int | None,
     ) -> torch.Tensor:
-        """One session's rows: write its keys and values to the cache, attend, `(T_q, h hd)`."""
+        """One session's rows: store its keys and values `(T_q, 2, kv, hd)` in the cache,
+        attend, `(T_q, h hd)`."""
         a = self.args
         h, kv = a.num_heads, a.num_kv_heads
         end_pos = seg.start + seg.length
-        cache.k[:, seg.start : end_pos] = k.transpose(0, 1)
-        cache.v[:, seg.start : end_pos] = v.transpose(0, 1)
+        cache.kv[:, :, seg.start : end_pos] = new_kv.permute(1, 2, 0, 3)
         first = 0 if window is None else max(0, end_pos - seg.length - window + 1)
         keys = cache.k[:, first:end_pos]  # (kv, T_k, hd)
         values = cache.v[:, first:end_pos]

@@ -35,10 +35,13 @@ def _inv_freq(args: ModelArgs, theta: float, scaling: Mapping[str, Any] | None) 
 
 @dataclass
 class RopeTable:
-    """Precomputed cos/sin per position, `(max_len, head_dim)` each, rotate-half layout."""
+    """Precomputed cos/sin per position, `(max_len, head_dim)` each, rotate-half layout; in
+    float32 also `cis = cos + i sin`, `(max_len, head_dim / 2)`, for heads whose dimensions
+    are stored in pairs (see `RopeAngles.rotate_pairs_`)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
+    cis: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -49,7 +52,11 @@ class RopeTable:
         inv = _inv_freq(args, theta, scaling)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return cls(cos=emb.cos().to(dtype), sin=emb.sin().to(dtype))
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        half = args.head_dim // 2
+        # The same cos and sin values, so both layouts rotate by exactly the same numbers.
+        cis = torch.complex(cos[:, :half], sin[:, :half]) if dtype == torch.float32 else None
+        return cls(cos=cos, sin=sin, cis=cis)
 
     def at(self, positions: torch.Tensor) -> RopeAngles:
         """The angles of `positions` (N,), looked up once per forward for every layer."""
@@ -58,16 +65,29 @@ class RopeTable:
         half = sin.shape[-1] // 2
         # The sign of rotate-half folded into sin: x * cos + roll(x) * signed_sin.
         signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return RopeAngles(cos, signed, half)
+        cis = None if self.cis is None else self.cis[positions].unsqueeze(1)
+        return RopeAngles(cos, signed, half, cis)
 
 
 @dataclass(frozen=True)
 class RopeAngles:
-    """cos and signed sin at the positions of one packed batch, `(N, 1, head_dim)` each."""
+    """cos and signed sin at the positions of one packed batch, `(N, 1, head_dim)` each, and
+    in float32 `cis`, `(N, 1, head_dim / 2)` complex."""
 
     cos: torch.Tensor
     signed_sin: torch.Tensor
     half: int
+    cis: torch.Tensor | None = None
+
+    def rotate_pairs_(self, x: torch.Tensor) -> None:
+        """Rotate `x` (N, heads, head_dim) in place, its dimensions stored in pairs:
+        (d_0, d_half, d_1, d_half+1, ...), which `pair_order` gives a projection.
+
+        Rotate-half turns each (d_i, d_{i+half}) by angle i; read as one complex number per
+        pair, that is a single complex product, one op where `apply` takes four and a copy."""
+        assert self.cis is not None, "pairs are rotated in float32 only"
+        n, heads, hd = x.shape
+        torch.view_as_complex(x.view(n, heads, hd // 2, 2)).mul_(self.cis)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate `x` of shape (N, heads, head_dim), rotate-half layout (as Hugging Face).
@@ -76,3 +96,17 @@ class RopeAngles:
         `x * cos + cat(-x2, x1) * sin`, in four ops instead of seven.
         """
         return x * self.cos + x.roll(self.half, dims=-1) * self.signed_sin
+
+
+def pair_order(rows: torch.Tensor, heads: int) -> None:
+    """Reorder, in place, the head dimensions of `rows` (..., heads * head_dim) from
+    rotate-half layout (d_0 .. d_{half-1}, d_half .. d_{hd-1}) to pairs (d_0, d_half, d_1, ...).
+
+    Applied to the columns of both the q and the k projection, it leaves every q·k product
+    (attention's scores) unchanged; the keys in the cache are then stored in this order too."""
+    hd = rows.shape[-1] // heads
+    with torch.no_grad():
+        for head in range(heads):  # a head at a time: small temporaries, none of the whole
+            block = rows[..., head * hd : (head + 1) * hd]
+            pairs = block.unflatten(-1, (2, hd // 2)).transpose(-1, -2).clone()
+            block.copy_(pairs.flatten(-2))

@@ -293,13 +293,9 @@ class LayerSpan(nn.Module):
         a = self.args
         for seg, state, new_cap in plans:
             if state is None:
-                shape = (a.num_kv_heads, new_cap, a.head_dim)
                 state = SessionState(
                     caches=[
-                        LayerCache(
-                            torch.zeros(shape, dtype=self.dtype),
-                            torch.zeros(shape, dtype=self.dtype),
-                        )
+                        LayerCache.zeros(a.num_kv_heads, new_cap, a.head_dim, self.dtype)
                         for _ in range(self.end - self.start)
                     ]
                 )

@@ -234,3 +234,36 @@ def test_loaded_stages_keep_no_file_mapped(tiny) -> None:  # type: ignore[no-unt
             assert all(t is not None and t.grad_fn is None and t.dtype == dtype for t in fused)
         assert head.lm_head_t is not None and head.lm_head_t.grad_fn is None
         head(span(embed(torch.tensor([7, 8])), [Segment("s", 0, 2)]))
+
+
+def test_heads_stored_in_pairs_rotate_as_rotate_half() -> None:
+    """`pair_order` then `rotate_pairs_` is rotate-half's `apply` followed by the same
+    reordering, and q·k products do not see the reordering."""
+    from jarvis_mqtt.model import ModelArgs
+    from jarvis_mqtt.rope import RopeTable, pair_order
+
+    args = ModelArgs(
+        family="llama", vocab_size=16, hidden_size=64, intermediate_size=32, num_layers=1,
+        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 16, generator=g)  # (N, heads, head_dim)
+    angles = RopeTable.build(args, 10000.0, 64, torch.float32, scaled=False).at(
+        torch.tensor([0, 1, 7, 30, 63])
+    )
+    paired = x.clone().flatten(1)
+    pair_order(paired, 3)
+    paired = paired.view(5, 3, 16)
+    assert not torch.equal(paired, x)  # the order did change
+    rotated = paired.clone()
+    angles.rotate_pairs_(rotated)
+    expected = angles.apply(x).flatten(1)
+    pair_order(expected, 3)
+    torch.testing.assert_close(rotated, expected.view(5, 3, 16), rtol=1e-6, atol=1e-6)
+    q, k = angles.apply(x), angles.apply(x.flip(0))
+    qp, kp = paired.clone(), paired.flip(0).clone()
+    angles.rotate_pairs_(qp)
+    angles.rotate_pairs_(kp)
+    torch.testing.assert_close(
+        torch.einsum("nhd,mhd->hnm", qp, kp), torch.einsum("nhd,mhd->hnm", q, k)
+    )
