@@ -225,17 +225,19 @@ class RMSNorm(nn.Module):
         """Hand this norm's scale to the projection that reads its output: returns the factor
         by which to scale that projection's input rows, and leaves only the normalisation here.
 
-        `x * rsqrt(mean(x²) + eps) * (offset + w)` = `x * rsqrt(sum(x²) + d eps) * sqrt(d) (offset
-        + w)`: two fewer small ops per norm (the scale, and `mean`'s division), which on a CPU
-        whose caches each weight matrix has just swept cost more than their arithmetic."""
+        `x * rsqrt(mean(x²) + eps) * (offset + w)` = `x / hypot(|x|, sqrt(d eps)) * sqrt(d)
+        (offset + w)`: three ops where there were eight (`mean` divides, `add` wraps its
+        scalar), which on a CPU whose caches each weight matrix has just swept cost more than
+        their arithmetic (0.5 ms of 34 per token here, 30 layers)."""
         dim = self.weight.shape[0]
         self.folded = True
-        self._dim_eps = torch.tensor(dim * self.eps, device="cpu")
+        self._root_dim_eps = torch.tensor((dim * self.eps) ** 0.5, device="cpu")
         return (self.offset + self.weight.double()) * dim**0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:
-            return x * torch.rsqrt((x * x).sum(-1, keepdim=True).add_(self._dim_eps))
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            return x / torch.hypot(norm, self._root_dim_eps)
         if x.dtype == torch.float32:  # the default: the same math in fewer dispatched ops
             # A 0-d tensor eps and x * x, not `+ 1e-6` and pow(2): Python scalars are wrapped
             # into tensors by a copy on every call, which costs more than the math here.
@@ -405,8 +407,11 @@ class Attention(nn.Module):
         first = 0 if window is None else max(0, end_pos - seg.length - window + 1)
         keys = cache.k[:, first:end_pos]  # (kv, T_k, hd)
         values = cache.v[:, first:end_pos]
-        qs = q.transpose(0, 1)  # (h, T_q, hd)
         mask = _mask(seg, first, window, q.device)
+        if seg.length == 1 and mask is None:  # decode: the query's heads in kv groups as is
+            o = _attend_one(q.reshape(kv, h // kv, a.head_dim), keys, values, self._scale)
+            return o.view(1, h * a.head_dim)
+        qs = q.transpose(0, 1)  # (h, T_q, hd)
         if seg.length <= _SMALL_QUERY:
             o = _attend_small(qs, keys, values, mask, self._scale)
         else:
@@ -418,6 +423,19 @@ class Attention(nn.Module):
 
 
 _SMALL_QUERY = 8  # decode-sized queries: two bmm beat SDPA's set-up cost (23 vs 59 us here)
+
+
+def _attend_one(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention of one position's query, grouped `(kv, g, hd)`, over `(kv, T_k, hd)` keys:
+    `_attend_small` without the transposes and reshapes a single row does not need."""
+    scores = torch.bmm(q, k.transpose(1, 2))  # (kv, g, T_k)
+    if scale is not None:
+        scores = scores * scale
+    if scores.dtype == torch.float32:
+        return torch.bmm(torch.softmax(scores, dim=-1), v)
+    return torch.bmm(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
 def _attend_small(

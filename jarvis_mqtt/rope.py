@@ -35,12 +35,12 @@ def _inv_freq(args: ModelArgs, theta: float, scaling: Mapping[str, Any] | None) 
 
 @dataclass
 class RopeTable:
-    """Precomputed cos/sin per position, `(max_len, head_dim)` each, rotate-half layout; in
-    float32 also `cis = cos + i sin`, `(max_len, head_dim / 2)`, for heads whose dimensions
-    are stored in pairs (see `RopeAngles.rotate_pairs_`)."""
+    """Precomputed cos and signed sin per position, `(max_len, head_dim)` each, rotate-half
+    layout (see `RopeAngles.apply`); in float32 also `cis = cos + i sin`, `(max_len,
+    head_dim / 2)`, for heads whose dimensions are stored in pairs (`RopeAngles.rotate_pairs_`)."""
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
     cis: torch.Tensor | None = None
 
     @classmethod
@@ -54,19 +54,18 @@ class RopeTable:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
         half = args.head_dim // 2
+        # The sign of rotate-half folded into sin: x * cos + roll(x) * signed_sin.
+        signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         # The same cos and sin values, so both layouts rotate by exactly the same numbers.
         cis = torch.complex(cos[:, :half], sin[:, :half]) if dtype == torch.float32 else None
-        return cls(cos=cos, sin=sin, cis=cis)
+        return cls(cos=cos, signed_sin=signed, cis=cis)
 
     def at(self, positions: torch.Tensor) -> RopeAngles:
         """The angles of `positions` (N,), looked up once per forward for every layer."""
         cos = self.cos[positions].unsqueeze(1)  # (N, 1, head_dim)
-        sin = self.sin[positions].unsqueeze(1)
-        half = sin.shape[-1] // 2
-        # The sign of rotate-half folded into sin: x * cos + roll(x) * signed_sin.
-        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        signed = self.signed_sin[positions].unsqueeze(1)
         cis = None if self.cis is None else self.cis[positions].unsqueeze(1)
-        return RopeAngles(cos, signed, half, cis)
+        return RopeAngles(cos, signed, cos.shape[-1] // 2, cis)
 
 
 @dataclass(frozen=True)
