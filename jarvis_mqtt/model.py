@@ -485,8 +485,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        # May work in place: it is given a fresh matmul output nothing else reads.
         if args.hidden_act == "silu":
-            self.act: Any = F.silu
+            self.act: Any = lambda t: F.silu(t, inplace=True)
         elif args.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
             self.act = lambda t: F.gelu(t, approximate="tanh")
         else:
@@ -512,8 +513,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         assert self.gate_up_t is not None and self.down_t is not None, "call fuse() after loading"
-        gate, up = matmul_t(x, self.gate_up_t).split(self.inter, dim=-1)
-        return matmul_t(self.act(gate) * up, self.down_t)
+        gate_up = matmul_t(x, self.gate_up_t)
+        # In place on the product's halves: no split, no new tensors (0.6 ms of 33 per token).
+        hidden = self.act(gate_up[:, : self.inter]).mul_(gate_up[:, self.inter :])
+        return matmul_t(hidden, self.down_t)
 
 
 class DecoderLayer(nn.Module):
@@ -572,12 +575,13 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn.forward(
             self.input_layernorm.forward(x), rope, segments, caches, self.window
         )
+        # Residuals added in place to the fresh outputs of the blocks.
         if self.sandwich:
-            x = x + self.post_attention_layernorm.forward(attn)
+            x = self.post_attention_layernorm.forward(attn).add_(x)
             mlp = self.mlp.forward(self.pre_feedforward_layernorm.forward(x))
-            return x + self.post_feedforward_layernorm.forward(mlp)
-        x = x + attn
-        return x + self.mlp.forward(self.post_attention_layernorm.forward(x))
+            return self.post_feedforward_layernorm.forward(mlp).add_(x)
+        x = attn.add_(x)
+        return self.mlp.forward(self.post_attention_layernorm.forward(x)).add_(x)
 
 
 def positions_of(segments: Sequence[Segment]) -> torch.Tensor:
