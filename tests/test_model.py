@@ -267,3 +267,38 @@ def test_heads_stored_in_pairs_rotate_as_rotate_half() -> None:
     torch.testing.assert_close(
         torch.einsum("nhd,mhd->hnm", qp, kp), torch.einsum("nhd,mhd->hnm", q, k)
     )
+
+
+def test_decode_steps_run_on_the_thread_count_measured_fastest(tiny) -> None:  # type: ignore[no-untyped-def]
+    """At n > 1 torch threads the first decode-sized step times the span on 1 and on n
+    threads (a scratch session, freed after); steps then run on the faster, the thread count
+    is restored after each, and results equal those of a span on 1 thread."""
+    _, md = tiny
+    ids = torch.tensor([random.Random(4).randrange(VOCAB) for _ in range(9)])
+    embed, _ = load_client_stages(md)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = LayerSpan.load(md, 0, md.num_layers)
+        one(embed(ids[:8]), [Segment("s", 0, 8)])
+        expected = one(embed(ids[8:]), [Segment("s", 8, 1)])
+        assert one._decode_threads == {}  # nothing to choose on one thread
+        torch.set_num_threads(2)
+        two = LayerSpan.load(md, 0, md.num_layers)
+        seen: list[int] = []
+        run = two._forward
+        two._forward = lambda *a: (seen.append(torch.get_num_threads()), run(*a))[1]  # type: ignore[method-assign]
+        two(embed(ids[:8]), [Segment("s", 0, 8)])
+        assert two._decode_threads == {} and seen == [2]  # a prefill is not decode-sized
+        got = two(embed(ids[8:]), [Segment("s", 8, 1)])
+        assert two._decode_threads[2] in (1, 2)
+        assert len(seen) > 2  # the dry runs, then the step
+        assert seen[-1] == two._decode_threads[2] and torch.get_num_threads() == 2
+        assert set(two.sessions) == {"s"}  # the scratch session is gone
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        for pick in (1, 2):
+            two._decode_threads[2] = pick
+            two(embed(ids[8:]), [Segment("s", 8, 1)])
+            assert seen[-1] == pick and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
