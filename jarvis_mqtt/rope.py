@@ -79,14 +79,14 @@ class RopeAngles:
     cis: torch.Tensor | None = None
 
     def rotate_pairs_(self, x: torch.Tensor) -> None:
-        """Rotate `x` (N, heads, head_dim) in place, its dimensions stored in pairs:
-        (d_0, d_half, d_1, d_half+1, ...), which `pair_order` gives a projection.
+        """Rotate `x` (N, heads, head_dim) or (N, heads * head_dim) in place, its dimensions
+        stored in pairs: (d_0, d_half, d_1, d_half+1, ...), which `pair_order` gives a
+        projection.
 
         Rotate-half turns each (d_i, d_{i+half}) by angle i; read as one complex number per
         pair, that is a single complex product, one op where `apply` takes four and a copy."""
         assert self.cis is not None, "pairs are rotated in float32 only"
-        n, heads, hd = x.shape
-        torch.view_as_complex(x.view(n, heads, hd // 2, 2)).mul_(self.cis)
+        torch.view_as_complex(x.view(x.shape[0], -1, self.half, 2)).mul_(self.cis)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate `x` of shape (N, heads, head_dim), rotate-half layout (as Hugging Face).

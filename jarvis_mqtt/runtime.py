@@ -393,10 +393,14 @@ class LayerSpan(nn.Module):
             global_rope if self._rope_local is self._rope_global else self._rope_local.at(positions)
         )
         x = x.to(self.dtype)
+        one = x.shape[0] == 1  # one session's decode step
         for j, layer in enumerate(self.layers):
             assert isinstance(layer, DecoderLayer)
             if layer.index in skip:
                 continue
             rope = local_rope if layer.sliding else global_rope
-            x = layer.forward(x, rope, segments, [s.caches[j] for s in states])  # no hooks
+            if one and layer.one_row:
+                x = layer.forward_one(x, rope, segments[0].start, states[0].caches[j])
+            else:  # `forward`, not `__call__`: no hooks to look for
+                x = layer.forward(x, rope, segments, [s.caches[j] for s in states])
         return x

@@ -302,3 +302,27 @@ def test_decode_steps_run_on_the_thread_count_measured_fastest(tiny) -> None:  #
             assert seen[-1] == pick and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_one_row_decode_path_equals_the_general_one(tiny) -> None:  # type: ignore[no-untyped-def]
+    """`DecoderLayer.forward_one`, which runs float32 decode steps of the layers `fuse` marks,
+    gives what the general `forward` gives for the same step and leaves the same cache."""
+    _, md = tiny
+    ids = torch.tensor([random.Random(5).randrange(VOCAB) for _ in range(11)])
+    embed, _ = load_client_stages(md)
+    spans = [LayerSpan.load(md, 0, md.num_layers) for _ in range(2)]
+    marked = [layer.one_row for layer in spans[0].layers]  # type: ignore[union-attr]
+    if md.config["model_type"].startswith("gemma3"):
+        assert not any(marked)  # QK-norm or sandwich norms: the general path only
+        return
+    assert all(marked)
+    for layer in spans[1].layers:
+        layer.one_row = False  # type: ignore[union-attr,assignment]
+    outs = []
+    for span in spans:
+        span(embed(ids[:8]), [Segment("s", 0, 8)])
+        outs.append([span(embed(ids[i : i + 1]), [Segment("s", i, 1)]) for i in range(8, 11)])
+    for got, want in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for a, b in zip(spans[0].sessions["s"].caches, spans[1].sessions["s"].caches, strict=True):
+        torch.testing.assert_close(a.kv[:, :, :11], b.kv[:, :, :11], atol=1e-6, rtol=1e-5)
