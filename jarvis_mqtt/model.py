@@ -583,10 +583,11 @@ class DecoderLayer(nn.Module):
         qkv = matmul_t(x / torch.hypot(norm, self.input_layernorm._root_dim_eps), attn.qkv_t)
         if attn.qkv_bias is not None:
             qkv = qkv + attn.qkv_bias
-        torch.view_as_complex(qkv[:, : (h + kv) * hd].view(1, -1, hd // 2, 2)).mul_(rope.cis)
+        heads = qkv.view(h + 2 * kv, hd)
+        torch.view_as_complex(heads[: h + kv].view(1, -1, hd // 2, 2)).mul_(rope.cis)
         # This position's keys and values in one copy, then attention over the cache.
-        cache.kv[:, :, pos] = qkv[0, h * hd :].view(2, kv, hd)
-        scores = torch.bmm(qkv[0, : h * hd].view(kv, h // kv, hd), cache.k[:, : pos + 1].mT)
+        cache.kv[:, :, pos] = heads[h:].view(2, kv, hd)
+        scores = torch.bmm(heads[:h].view(kv, h // kv, hd), cache.k[:, : pos + 1].mT)
         o = torch.bmm(torch.softmax(scores, dim=-1), cache.v[:, : pos + 1])
         x = matmul_t(o.view(1, h * hd), attn.o_t).add_(x)
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
