@@ -332,9 +332,7 @@ class LayerSpan(nn.Module):
         threads = torch.get_num_threads()
         if threads == 1 or x.shape[0] > DECODE_ROWS:
             return self._forward(x, segments, skip)
-        best = self._decode_threads.get(threads)
-        if best is None:
-            best = self._decode_threads[threads] = self._measure_decode_threads(threads)
+        best = self.decode_threads()
         if best == threads:
             return self._forward(x, segments, skip)
         torch.set_num_threads(best)
@@ -342,6 +340,18 @@ class LayerSpan(nn.Module):
             return self._forward(x, segments, skip)
         finally:
             torch.set_num_threads(threads)
+
+    def decode_threads(self) -> int:
+        """The torch threads decode-sized steps of this span run on at the current thread
+        count; measured on the first call at each count (see `_measure_decode_threads`),
+        which a node makes right after loading, so that no request waits for it."""
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return 1
+        best = self._decode_threads.get(threads)
+        if best is None:
+            best = self._decode_threads[threads] = self._measure_decode_threads(threads)
+        return best
 
     def _measure_decode_threads(self, threads: int) -> int:
         """1 or `threads`, whichever ran a one-row step of this span faster (best of a few

@@ -144,9 +144,11 @@ class NodeAgent:
                 session_ttl=cfg.session_ttl,
             ),
         )
+        span = self._span
+        threads = await loop.run_in_executor(self._worker, span.decode_threads)  # before serving
         log.info(
-            "%s: loaded layers [%d, %d) of %s in %.2f s",
-            cfg.node_id, cfg.start, cfg.end, cfg.model, time.perf_counter() - t0,
+            "%s: loaded layers [%d, %d) of %s in %.2f s; decode steps on %d thread(s)",
+            cfg.node_id, cfg.start, cfg.end, cfg.model, time.perf_counter() - t0, threads,
         )  # fmt: skip
         status_topic = self.topics.node_status(cfg.node_id)
         will = LastWill(status_topic, T.pack_status(self.status(online=False)), retain=True)
