@@ -587,8 +587,9 @@ class DecoderLayer(nn.Module):
         torch.view_as_complex(heads[: h + kv].view(1, -1, hd // 2, 2)).mul_(rope.cis)
         # This position's keys and values in one copy, then attention over the cache.
         cache.kv[:, :, pos] = heads[h:].view(2, kv, hd)
-        scores = torch.bmm(heads[:h].view(kv, h // kv, hd), cache.k[:, : pos + 1].mT)
-        o = torch.bmm(torch.softmax(scores, dim=-1), cache.v[:, : pos + 1])
+        o = _attend_one(
+            heads[:h].view(kv, h // kv, hd), cache.k[:, : pos + 1], cache.v[:, : pos + 1], None
+        )
         x = matmul_t(o.view(1, h * hd), attn.o_t).add_(x)
         norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         gate_up = matmul_t(
