@@ -12,18 +12,24 @@ DedupKey = Callable[[str, bytes], bytes | None]
 
 
 def default_dedup_key(topic: str, payload: bytes) -> bytes | None:
-    """Topic plus `mid` for wire messages, else a hash of topic and payload.
+    """A hash of the topic and, for a wire message, its header (which holds the random `mid`,
+    so the tensor bytes need not be read), else of the whole payload.
 
     Hashing content means a retained status that changed is a new message, and the same
     content delivered again (another broker, a reconnect) is a duplicate.
     """
-    mid = wire.message_id(payload)
-    if mid is not None:
-        return topic.encode() + b"\0" + bytes.fromhex(mid)
     digest = hashlib.blake2b(topic.encode(), digest_size=16)
     digest.update(b"\0")
-    digest.update(payload)
+    digest.update(_header_or_all(payload))
     return digest.digest()
+
+
+def _header_or_all(payload: bytes) -> bytes | memoryview:
+    if payload[: len(wire.MAGIC)] == wire.MAGIC and len(payload) >= wire.PREFIX_BYTES:
+        size = int.from_bytes(payload[len(wire.MAGIC) : wire.PREFIX_BYTES], "big")
+        if (end := wire.PREFIX_BYTES + size) <= len(payload):
+            return memoryview(payload)[:end]
+    return payload
 
 
 class RecentKeys:

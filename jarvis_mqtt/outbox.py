@@ -6,7 +6,8 @@ at both ends (and a send per broker), so sent one by one those messages, not the
 bound how many sessions a mesh serves. `post` queues a payload and returns at once; the queue
 is published at the next turn of the loop, one `wire.bundle` per topic (up to `max_bytes`
 each), in the order the topics were first posted to. One session's message still goes out
-alone and unwrapped, one loop turn later.
+alone and unwrapped, one loop turn later; a caller that knows it has posted all there is for
+now (a node that passed on a whole wave) calls `flush_now` and spares that turn.
 
 Delivery is as for any QoS 0 publish: a failure is logged and the chain of custody re-sends.
 """
@@ -33,7 +34,8 @@ class Outbox:
         self.mesh = mesh
         self.max_bytes = max_bytes
         self._waiting: dict[tuple[str, int], list[tuple[bytes, asyncio.Future[bool]]]] = {}
-        self._flusher: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None  # publishing what must wait
+        self._turn: asyncio.Handle | None = None  # the flush at the next turn of the loop
         self.bundles = 0  # MQTT messages published, for stats
         self.parts = 0  # payloads they carried
 
@@ -53,22 +55,56 @@ class Outbox:
 
         The future says whether a broker took it (False: logged, no broker did); await it
         only where something must wait for the message to be out, like an ack for it."""
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         self._waiting.setdefault((topic, qos), []).append((payload, done))
-        self._start()
+        if self._turn is None and not self._flushing:
+            self._turn = loop.call_soon(self.flush_now)
         return done
 
     async def flush(self) -> None:
         """Publish what is queued now, and wait for what is being published."""
-        if self._waiting:
-            self._start()
+        self.flush_now()
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
 
-    def _start(self) -> None:
-        # One flusher at a time; it takes whatever was posted while it published.
-        if self._flusher is None or self._flusher.done():
+    def flush_now(self) -> None:
+        """Publish what is queued now, in this call, and resolve its futures.
+
+        Only QoS 0 goes out without waiting, and only with a broker connected; anything else
+        is left to a flusher task (which waits for a broker), and so is what is posted while
+        one runs, so the order of posts is kept."""
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
+        if not self._waiting or self._flushing:
+            return
+        if not self.mesh.any_connected or any(qos != 0 for _, qos in self._waiting):
             self._flusher = asyncio.create_task(self._flush_all(), name="outbox")
+            return
+        waiting, self._waiting = self._waiting, {}
+        for (topic, _), posted in waiting.items():
+            for chunk in _chunks(posted, self.max_bytes):
+                try:
+                    self.mesh.publish_nowait(topic, wire.bundle([p for p, _ in chunk]))
+                except JarvisError as e:
+                    self._sent(topic, chunk, e)
+                else:
+                    self._sent(topic, chunk, None)
+
+    def _sent(self, topic: str, chunk: list[_Posted], error: JarvisError | None) -> None:
+        if error is not None:  # the chain of custody re-sends what mattered
+            log.warning("%d message(s) on %s not sent: %s", len(chunk), topic, error)
+        else:
+            self.bundles += 1
+            self.parts += len(chunk)
+        for _, done in chunk:
+            if not done.done():
+                done.set_result(error is None)
+
+    @property
+    def _flushing(self) -> bool:
+        return self._flusher is not None and not self._flusher.done()
 
     @property
     def pending(self) -> int:
@@ -81,18 +117,12 @@ class Outbox:
             for (topic, qos), posted in waiting.items():
                 for chunk in _chunks(posted, self.max_bytes):
                     payload = wire.bundle([p for p, _ in chunk])
-                    ok = True
                     try:
                         await self.mesh.publish(topic, payload, qos=qos)
-                    except JarvisError as e:  # the chain of custody re-sends what mattered
-                        log.warning("%d message(s) on %s not sent: %s", len(chunk), topic, e)
-                        ok = False
+                    except JarvisError as e:
+                        self._sent(topic, chunk, e)
                     else:
-                        self.bundles += 1
-                        self.parts += len(chunk)
-                    for _, done in chunk:
-                        if not done.done():
-                            done.set_result(ok)
+                        self._sent(topic, chunk, None)
 
 
 _Posted = tuple[bytes, "asyncio.Future[bool]"]

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MAX_MQTT_PAYLOAD = 268_435_455 - 65_536  # MQTT's remaining-length limit, less header room
 _NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+_CHECKED_TOPICS = 4096  # topic names remembered as valid (per-layer and per-client topics)
 _RECANCEL_AFTER = 1.0  # seconds a link may take to stop before it is cancelled again
 
 
@@ -123,6 +124,8 @@ class MeshClient:
         self._links = [_Link(self, addr) for addr in dict.fromkeys(brokers)]
         self._subs: dict[str, int] = {}  # topic filter -> qos, re-applied on every connect
         self._inbox: asyncio.Queue[MeshMessage | None] = asyncio.Queue()
+        self._handler: Callable[[MeshMessage], bool] | None = None
+        self._checked: set[str] = set()  # topic names already validated for publishing
         self._any_up = asyncio.Event()
         self._changed = asyncio.Event()  # replaced by a fresh one on every link change
         self._tg: asyncio.TaskGroup | None = None
@@ -176,6 +179,11 @@ class MeshClient:
         # Links only stop by cancellation; anything else they raise is a bug and surfaces here.
         await self._tg.__aexit__(None, None, None)
 
+    @property
+    def any_connected(self) -> bool:
+        """Whether at least one broker is connected now."""
+        return self._any_up.is_set()
+
     def connected_brokers(self) -> list[BrokerAddress]:
         """Brokers connected right now."""
         return [link.address for link in self._links if link.client is not None]
@@ -225,13 +233,7 @@ class MeshClient:
         each connection and not waited for, so a dying broker holds no sender up; QoS 1 and 2
         wait for every broker's acknowledgement, never longer than `publish_timeout` each.
         """
-        _check_topic(aiomqtt.Topic, topic, qos)
-        if len(payload) > self._max_payload:
-            raise WireError(
-                f"payload of {len(payload)} bytes is over the {self._max_payload} limit"
-            )
-        if self._closed:
-            raise MeshError("publish on a closed MeshClient")
+        self._check_publish(topic, payload, qos)
         if not self._any_up.is_set():
             try:
                 async with asyncio.timeout(self._publish_timeout):
@@ -240,8 +242,7 @@ class MeshClient:
                 raise MeshError(f"no broker connected to publish on {topic!r}") from None
         links = [link for link in self._links if link.client is not None]
         if qos == 0:
-            # Nothing to wait for: handed to each connection's writer in this call.
-            acked = sum(link.publish_now(topic, payload, retain) for link in links)
+            return self.publish_nowait(topic, payload, retain=retain)
         else:
             async with asyncio.TaskGroup() as tg:
                 tasks = [
@@ -257,6 +258,30 @@ class MeshClient:
         self.counters.published += 1
         return acked
 
+    def publish_nowait(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        """A QoS 0 publish, handed to every connected broker's socket in this call; how many
+        took it. MeshError when none did (none connected, or all refused)."""
+        if topic not in self._checked:
+            self._check_publish(topic, payload, 0)
+            if len(self._checked) < _CHECKED_TOPICS:  # a valid name stays valid
+                self._checked.add(topic)
+        elif len(payload) > self._max_payload or self._closed:
+            self._check_publish(topic, payload, 0)
+        acked = sum(link.publish_now(topic, payload, retain) for link in self._links)
+        if acked == 0:
+            raise MeshError(f"no broker accepted the message on {topic!r}")
+        self.counters.published += 1
+        return acked
+
+    def _check_publish(self, topic: str, payload: bytes, qos: int) -> None:
+        _check_topic(aiomqtt.Topic, topic, qos)
+        if len(payload) > self._max_payload:
+            raise WireError(
+                f"payload of {len(payload)} bytes is over the {self._max_payload} limit"
+            )
+        if self._closed:
+            raise MeshError("publish on a closed MeshClient")
+
     def messages(self) -> AsyncIterator[MeshMessage]:
         """Incoming messages from all brokers, each once; ends when the client closes.
 
@@ -265,10 +290,24 @@ class MeshClient:
         """
         return _Messages(self._inbox)
 
-    def _deliver(self, link: _Link, msg: aiomqtt.Message) -> None:
-        # Runs inside paho's read callback on the event loop thread: no awaiting here.
-        topic, payload = msg.topic.value, msg.payload
-        assert isinstance(payload, bytes)
+    def set_handler(self, handler: Callable[[MeshMessage], bool] | None) -> None:
+        """Give `handler` the first look at every new message, synchronously, in the read
+        callback on the event loop thread; a message it takes (returns True) never reaches
+        `messages()`. It sees a message only when nothing is queued before it, so the two
+        ways keep the arrival order. Meant for the hot path (a node's activations, a client's
+        results): it must not block, and what it publishes waits for the loop's writer
+        (paho holds its callback lock), so it should leave publishing to a task."""
+        self._handler = handler
+
+    def _deliver(self, link: _Link, msg: paho_mqtt.MQTTMessage) -> None:
+        # paho's on_message, on the event loop thread: no awaiting here. (aiomqtt's own would
+        # wrap each message in a validated `aiomqtt.Message` and queue it, for nothing here.)
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            log.warning("dropped a message whose topic is not UTF-8, from %s", link.address)
+            return
+        payload = bytes(msg.payload)  # the same object: paho gives bytes
         self.counters.received += 1
         try:
             key = self._dedup_key(topic, payload)
@@ -279,7 +318,16 @@ class MeshClient:
         if key is not None and not self._seen.add(key):
             self.counters.duplicates += 1
             return
-        self._inbox.put_nowait(MeshMessage(topic, payload, msg.retain, msg.qos, link.address))
+        m = MeshMessage(topic, payload, msg.retain, msg.qos, link.address)
+        handler = self._handler
+        if handler is not None and self._inbox.empty():
+            try:
+                if handler(m):
+                    return
+            except Exception:  # a bug in the handler must not cut the connection either
+                log.exception("message handler failed on %s; message dropped", topic)
+                return
+        self._inbox.put_nowait(m)
 
     def _link_changed(self) -> None:
         if any(link.client is not None for link in self._links):
@@ -305,20 +353,6 @@ class _Messages:
             self._queue.put_nowait(None)  # every other iterator ends too
             raise StopAsyncIteration
         return msg
-
-
-def _inbox_type(sink: Callable[[aiomqtt.Message], None]) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """A queue class for aiomqtt that hands each message to `sink` instead of storing it.
-
-    aiomqtt's own iterator costs a task and a queue hop per message; this keeps delivery
-    synchronous, and its iterator then only waits for the disconnection.
-    """
-
-    class Inbox(asyncio.Queue[aiomqtt.Message]):
-        def put_nowait(self, item: aiomqtt.Message) -> None:
-            sink(item)
-
-    return Inbox
 
 
 class _Link:
@@ -360,7 +394,7 @@ class _Link:
     def _new_client(self) -> aiomqtt.Client:
         mesh = self.mesh
         will = mesh._will
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.address.host,
             self.address.port,
             identifier=mesh.client_id,
@@ -369,13 +403,16 @@ class _Link:
             will=aiomqtt.Will(will.topic, will.payload, will.qos, will.retain) if will else None,
             timeout=mesh._connect_timeout,
             max_inflight_messages=mesh._max_inflight,
-            queue_type=_inbox_type(lambda m: mesh._deliver(self, m)),
             # Both ends need it: without it a small hop waits ~40-90 ms for Nagle.
             socket_options=(_NODELAY,),
             username=mesh.auth.username,
             password=mesh.auth.password,
             tls_context=mesh._tls,
         )
+        # Messages go straight to the mesh (aiomqtt's `messages` then only waits for the
+        # disconnection); its paho client has no public accessor.
+        client._client.on_message = lambda _c, _u, msg: mesh._deliver(self, msg)
+        return client
 
     async def _resubscribe(self, client: aiomqtt.Client) -> None:
         done: dict[str, int] = {}

@@ -67,6 +67,35 @@ def test_posts_of_one_turn_leave_as_one_bundle_per_topic(
     assert got[1].payload == b"b0"  # a lone message is not wrapped
 
 
+def test_flush_now_publishes_in_the_call(brokers: list[Broker], topic_root: str) -> None:
+    addrs = [b.address for b in brokers]
+    a, b = f"{topic_root}/a", f"{topic_root}/b"
+
+    async def main() -> list[MeshMessage]:
+        async with client(addrs, "sub") as sub, client(addrs, "pub") as pub:
+            await sub.wait_connected(2)
+            await pub.wait_connected(2)
+            await sub.subscribe(f"{topic_root}/+", qos=0)
+            out = Outbox(pub)
+            sent = [out.post(a, b"a0"), out.post(a, b"a1"), out.post(b, b"b0")]
+            out.flush_now()  # no turn of the loop: handed to both brokers' sockets here
+            assert [f.done() and f.result() for f in sent] == [True] * 3
+            assert out.pending == 0 and (out.bundles, out.parts) == (2, 3)
+            got: list[MeshMessage] = []
+            async with asyncio.timeout(5):
+                async for m in sub.messages():
+                    got.append(m)
+                    if len(got) == 2:
+                        return got
+            return got
+
+    got = asyncio.run(main())
+    assert [(m.topic, [bytes(p) for p in wire.unbundle(m.payload)]) for m in got] == [
+        (a, [b"a0", b"a1"]),
+        (b, [b"b0"]),
+    ]
+
+
 def test_a_post_no_broker_takes_says_so(mosquitto: Broker, topic_root: str) -> None:
     async def main() -> None:
         async with client([mosquitto.address], "pub", publish_timeout=0.3) as pub:
@@ -76,5 +105,10 @@ def test_a_post_no_broker_takes_says_so(mosquitto: Broker, topic_root: str) -> N
             await asyncio.sleep(0.2)  # the link sees its broker gone
             assert await out.post(f"{topic_root}/x", b"lost") is False
             assert out.pending == 0 and (out.bundles, out.parts) == (1, 1)
+            # With no broker, flush_now leaves it to a flusher that waits for one, in vain.
+            late = out.post(f"{topic_root}/x", b"late")
+            out.flush_now()
+            assert not late.done()
+            assert await late is False
 
     asyncio.run(main())

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from jarvis_mqtt.brokers import BrokerAddress, MosquittoBroker, free_port, parse_brokers
+from jarvis_mqtt.dedup import default_dedup_key
 from jarvis_mqtt.errors import ConfigError, MeshError, WireError
 from jarvis_mqtt.topics import Topics
 from jarvis_mqtt.transport import MeshClient, MeshMessage
@@ -87,6 +88,44 @@ def test_two_brokers_deliver_each_message_once(brokers: list[Broker], topic_root
             await asyncio.sleep(0.1)  # late copies would show up as extra messages
             assert sub.counters.received == 200 and sub.counters.duplicates == 100
             assert sub._inbox.empty()
+
+    run(main())
+
+
+def test_a_handler_takes_its_messages_before_the_queue(
+    brokers: list[Broker], topic_root: str
+) -> None:
+    """What the handler takes (once, duplicates already dropped) never reaches `messages()`;
+    what it declines, and whatever it raises on, is queued or dropped as documented."""
+    topics, addrs = Topics(topic_root), [b.address for b in brokers]
+
+    async def main() -> None:
+        async with mesh(addrs, "sub") as sub, mesh(addrs, "pub") as pub:
+            await sub.wait_connected(2)
+            await pub.wait_connected(2)
+            await sub.subscribe(topics.all_layers("m"))
+            taken: list[int] = []
+
+            def handler(m: MeshMessage) -> bool:
+                step = decode(m.payload, max_bytes=1 << 20).step  # type: ignore[union-attr]
+                if step == 5:
+                    raise RuntimeError("a bug in the handler")
+                if step % 2 == 0:
+                    taken.append(step)  # in the read callback, before any loop turn
+                    return True
+                return False
+
+            sub.set_handler(handler)
+            queued = sub.messages()
+            steps: list[int] = []
+            for i in range(10):  # one at a time: a message queued first would hold the rest
+                assert await pub.publish(topics.layer("m", 0), activation(i), qos=0) == 2
+                await eventually(lambda i=i: sub.counters.received == 2 * (i + 1))  # type: ignore[misc]
+                if i % 2 and i != 5:
+                    m = await anext(queued)
+                    steps.append(decode(m.payload, max_bytes=1 << 20).step)  # type: ignore[union-attr]
+            assert taken == [0, 2, 4, 6, 8] and steps == [1, 3, 7, 9]  # 5: logged, dropped
+            assert sub.counters.duplicates == 10
 
     run(main())
 
@@ -407,3 +446,15 @@ def test_broker_start_failure_shows_the_log(tmp_path: Path) -> None:
             MosquittoBroker(port=port, run_dir=tmp_path),  # stopped even if it starts
         ):
             pass
+
+
+def test_dedup_key_reads_a_wire_header_not_its_tensor() -> None:
+    one, other = activation(1), activation(1)  # equal contents, each its own message id
+    assert default_dedup_key("t", one) == default_dedup_key("t", bytes(one))
+    assert default_dedup_key("t", one) != default_dedup_key("t", other)
+    assert default_dedup_key("t", one) != default_dedup_key("u", one)
+    body = len(one) - 8 * 4  # the (1, 8) float32 tensor ends the payload
+    assert default_dedup_key("t", one[:body] + bytes(32)) == default_dedup_key("t", one)
+    # Anything else is hashed whole: a status that changed is a new message.
+    assert default_dedup_key("t", b"JV\x00\x00\x00\x09 short") != default_dedup_key("t", b"x")
+    assert default_dedup_key("t", b"online") != default_dedup_key("t", b"offline")
