@@ -29,6 +29,7 @@ OTHERS_AFTER = 1.0
 # the heartbeats we missed may be waiting unread: judge no one until they had time to arrive.
 STALL_AFTER = 0.5  # seconds between two checks that mean we were not running
 STALL_GRACE = 1.0  # seconds of no verdicts after such a stall (two heartbeat periods)
+HISTORY_SPARE_ROWS = 32  # at least this many rows of room when a session's history grows
 
 
 @dataclass
@@ -62,7 +63,10 @@ class History:
     where one long replay would round differently and could change a near-tied token.
     """
 
-    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # sid -> (positions, hidden)
+    # sid -> a buffer of rows (positions, hidden), grown ahead so a decode step adds one row
+    # instead of copying the whole history; the first `held[sid]` rows are the positions held.
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
     starts: dict[str, list[int]] = field(default_factory=dict)  # sid -> first position of steps
 
     def store(
@@ -75,25 +79,30 @@ class History:
         lengths = list(steps) if steps else [hidden.shape[0]]
         if sum(lengths) != hidden.shape[0]:
             lengths = [hidden.shape[0]]
-        old = self.rows.get(sid)
-        if old is None or pos == 0:
+        buf = self.rows.get(sid)
+        if buf is None or pos == 0:
             if pos != 0:
                 return  # a gap: we never saw the start, so we could not replay it anyway
-            self.rows[sid] = hidden.detach().clone()
-            self.starts[sid] = _starts(0, lengths)
+            buf = None
+        elif pos > self.held[sid]:
             return
-        if pos > old.shape[0]:
-            return
-        self.rows[sid] = torch.cat([old[:pos], hidden.detach()])
+        end = pos + hidden.shape[0]
+        if buf is None or end > buf.shape[0] or buf.shape[1:] != hidden.shape[1:]:
+            grown = hidden.new_empty((end + max(end // 2, HISTORY_SPARE_ROWS), *hidden.shape[1:]))
+            if buf is not None:
+                grown[:pos] = buf[:pos]
+            self.rows[sid] = buf = grown
+        buf[pos:end] = hidden.detach()
+        self.held[sid] = end
         kept = [s for s in self.starts.get(sid, [0]) if s < pos]
         self.starts[sid] = kept + _starts(pos, lengths)
 
     def get(self, sid: str, start: int, end: int) -> torch.Tensor | None:
-        """Positions `[start, end)` of a session, or None if they are not all held."""
-        rows = self.rows.get(sid)
-        if rows is None or end > rows.shape[0] or start >= end:
+        """A copy of positions `[start, end)` of a session, or None if not all are held."""
+        buf = self.rows.get(sid)
+        if buf is None or end > self.held[sid] or start >= end:
             return None
-        return rows[start:end]
+        return buf[start:end].clone()
 
     def steps(self, sid: str, start: int, end: int) -> list[int]:
         """Lengths of the original steps covering `[start, end)`, cut at `start` and `end`."""
@@ -103,12 +112,13 @@ class History:
     def forget(self, sid: str) -> None:
         """Drop a session."""
         self.rows.pop(sid, None)
+        self.held.pop(sid, None)
         self.starts.pop(sid, None)
 
     @property
     def nbytes(self) -> int:
-        """Memory held."""
-        return sum(t.numel() * t.element_size() for t in self.rows.values())
+        """Bytes of the positions held (the buffers keep up to half as much again spare)."""
+        return sum(self.held[sid] * t[0].numel() * t.element_size() for sid, t in self.rows.items())
 
 
 def _starts(pos: int, lengths: Sequence[int]) -> list[int]:

@@ -2,8 +2,9 @@
 
 `Forwarder.send` picks the next live node (sticky per session: its KV cache lives there),
 publishes, records the rows in the session's history and keeps the message in custody until
-the receiver acknowledges it. `tick` re-sends what a dead receiver held — to a replica, or past
-the lost layers — and `on_ack` answers a receiver's request for a replay.
+the receiver acknowledges it; `send_nowait` does the same in the call, when a route is known.
+`tick` re-sends what a dead receiver held — to a replica, or past the lost layers — and
+`on_ack` answers a receiver's request for a replay.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from jarvis_mqtt.custody import Custody, History, Pending
 from jarvis_mqtt.errors import MeshError
 from jarvis_mqtt.membership import MeshView
 from jarvis_mqtt.outbox import Outbox
-from jarvis_mqtt.routing import next_hop
+from jarvis_mqtt.routing import Hop, next_hop
 
 log = logging.getLogger("jarvis.forward")
 # A route that finds no live node is tried again for this long, reading statuses meanwhile:
@@ -92,17 +93,82 @@ class Forwarder:
         """Send `hidden` (positions from `pos`) to whoever runs `layer` next; None = the client.
 
         The history records `history_rows` from `history_pos` when given (a replayed span
-        computed more rows than it forwards, in `history_steps`), else `hidden` itself.
+        computed more rows than it forwards, in `history_steps`), else `hidden` itself. With
+        no live route, waits a grace period for one before telling the client.
         """
-        rows = hidden if history_rows is None else history_rows
-        self.history.store(sid, pos if history_pos is None else history_pos, rows, history_steps)
+        p = self._pending(hidden, layer, pos, step, sid, cid, route, skipped, meta)
+        self._record(p, hidden, history_rows, history_pos, history_steps)
+        return await self._dispatch(p, hidden, prefer=self.next.get(sid))
+
+    def send_nowait(
+        self,
+        hidden: torch.Tensor,
+        *,
+        layer: int,
+        pos: int,
+        step: int,
+        sid: str,
+        cid: str,
+        route: Sequence[wire.RouteHop] = (),
+        skipped: Sequence[int] = (),
+        meta: Mapping[str, Any] | None = None,
+        history_rows: torch.Tensor | None = None,
+        history_pos: int | None = None,
+        history_steps: Sequence[int] | None = None,
+    ) -> str | None:
+        """`send` in this call, posted to the outbox, when a live route is known now (the
+        usual case). MeshError when there is none right now: nothing was posted or recorded,
+        and `send` is the call that waits for one."""
+        p = self._pending(hidden, layer, pos, step, sid, cid, route, skipped, meta)
+        hop = self._route(layer, p.fields["meta"], self.next.get(sid))
+        node = self._emit(p, hidden, pos, dict(p.fields["meta"]), hop)
+        self._record(p, hidden, history_rows, history_pos, history_steps)
+        return node
+
+    def _pending(
+        self,
+        hidden: torch.Tensor,
+        layer: int,
+        pos: int,
+        step: int,
+        sid: str,
+        cid: str,
+        route: Sequence[wire.RouteHop],
+        skipped: Sequence[int],
+        meta: Mapping[str, Any] | None,
+    ) -> Pending:
         fields = {"cid": cid, "model": self.model, "route": tuple(route), "meta": dict(meta or {})}
         fields["skipped"] = tuple(skipped)
-        p = Pending(
+        return Pending(
             mid="", sid=sid, step=step, node="", layer=layer, pos=pos, n=hidden.shape[0],
             fields=fields, deadline=0.0,
         )  # fmt: skip
-        return await self._dispatch(p, hidden, prefer=self.next.get(sid))
+
+    def _record(
+        self,
+        p: Pending,
+        hidden: torch.Tensor,
+        rows: torch.Tensor | None,
+        pos: int | None,
+        steps: Sequence[int] | None,
+    ) -> None:
+        start = p.pos if pos is None else pos
+        self.history.store(p.sid, start, hidden if rows is None else rows, steps)
+
+    def _route(
+        self,
+        layer: int,
+        meta: Mapping[str, Any],
+        prefer: str | None,
+        exclude: Collection[str] = (),
+    ) -> Hop:
+        """The next hop now; MeshError when no live node can take it."""
+        allow, never = skip_policy(meta)
+        return next_hop(
+            self.view.live(self.model), layer, self.num_layers,
+            exclude=exclude, prefer=prefer, allow_skip=allow, never_skip=never,
+            extra_load=Counter(self.next.values()),
+        )  # fmt: skip
 
     async def _dispatch(
         self,
@@ -112,26 +178,19 @@ class Forwarder:
         prefer: str | None,
         replay_from: int | None = None,
     ) -> str | None:
-        allow, never = skip_policy(p.fields["meta"])
         give_up = time.monotonic() + ROUTE_GRACE
         while True:
-            gone = p.excluded(self.view)
             try:
-                hop = next_hop(
-                    self.view.live(self.model), p.layer, self.num_layers,
-                    exclude=gone, prefer=prefer, allow_skip=allow, never_skip=never,
-                    extra_load=Counter(self.next.values()),
-                )  # fmt: skip
+                hop = self._route(p.layer, p.fields["meta"], prefer, p.excluded(self.view))
                 break
             except MeshError as e:
                 # A node we gave up on for its silence, and not yet stale or offline, may
                 # still be only starved: wait for its next beat rather than fail the request.
                 live = {s.node_id for s in self.view.live(self.model)}
-                if time.monotonic() >= give_up and not gone & live:
+                if time.monotonic() >= give_up and not p.excluded(self.view) & live:
                     await self.on_error(p.fields["cid"], p.sid, p.mid or "", "no_route", str(e))
                     return None
             await asyncio.sleep(ROUTE_RETRY)
-        skipped = tuple(sorted({*p.fields["skipped"], *hop.skipped}))
         meta = dict(p.fields["meta"])
         pos = p.pos
         if replay_from is not None:
@@ -147,6 +206,14 @@ class Forwarder:
             hidden, pos = rows, replay_from
             steps = self.history.steps(p.sid, replay_from, p.pos + p.n)
             meta.update(replay=True, emit_from=p.pos, steps=steps)
+        return self._emit(p, hidden, pos, meta, hop)
+
+    def _emit(
+        self, p: Pending, hidden: torch.Tensor, pos: int, meta: dict[str, Any], hop: Hop
+    ) -> str | None:
+        """Post `hidden` along `hop`: to its node (kept in custody until acknowledged), or
+        to the client when every remaining layer was skipped; the node, or None."""
+        skipped = tuple(sorted({*p.fields["skipped"], *hop.skipped}))
         common: dict[str, Any] = dict(
             sid=T.SessionId(p.sid), cid=T.ClientId(p.fields["cid"]), model=self.model,
             step=p.step, route=p.fields["route"], skipped=skipped, meta=meta,

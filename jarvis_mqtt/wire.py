@@ -187,7 +187,9 @@ class TensorMessage:
         """Wrap a CPU tensor without copying it; the other fields are keyword arguments."""
         if tensor.dtype not in _DTYPE_NAMES:
             raise WireError(f"cannot send a tensor of {tensor.dtype}; use one of {sorted(DTYPES)}")
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor
+        if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():
+            t = t.detach().to("cpu").contiguous()
         # numpy has no bfloat16: view the same bytes as int16 to reach the buffer.
         raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
         data = raw.numpy().data.cast("B")

@@ -125,6 +125,21 @@ def test_history_replays_what_was_sent_and_a_resend_overwrites_the_tail() -> Non
     assert h.get("s", 0, 1) is None and h.nbytes == 0
 
 
+def test_history_grows_in_place_and_hands_out_copies() -> None:
+    h = History()
+    h.store("s", 0, torch.zeros(3, 2))
+    buffer = h.rows["s"]
+    for pos in range(3, 40):  # decode steps: one row each, past the first buffer's room
+        h.store("s", pos, torch.full((1, 2), float(pos)))
+    assert h.get("s", 3, 40).tolist() == [[float(p)] * 2 for p in range(3, 40)]  # type: ignore[union-attr]
+    assert h.nbytes == 40 * 2 * 4
+    assert h.rows["s"] is not buffer  # it grew once or more, keeping what it held
+    copy = h.get("s", 0, 2)
+    assert copy is not None
+    copy += 1  # a replay's rows are its own: the history is unchanged
+    assert h.get("s", 0, 2).tolist() == [[0.0, 0.0], [0.0, 0.0]]  # type: ignore[union-attr]
+
+
 def test_hearing_no_one_blames_no_one_and_the_ack_timeout_resends() -> None:
     """Cut off from every broker (or reconnecting): all heartbeats stop at once."""
     view, c = MeshView(), Custody()
