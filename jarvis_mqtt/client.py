@@ -33,7 +33,7 @@ from jarvis_mqtt.mesh_auth import ENV_USERNAME
 from jarvis_mqtt.outbox import Outbox
 from jarvis_mqtt.runtime import load_client_stages
 from jarvis_mqtt.sampling import SamplingParams
-from jarvis_mqtt.transport import MeshClient
+from jarvis_mqtt.transport import MeshClient, MeshMessage
 
 log = logging.getLogger("jarvis.client")
 CUSTODY_TICK = 0.05  # seconds between checks for messages whose receiver died
@@ -143,6 +143,7 @@ class RemoteModel:
         self._forwarder: Forwarder | None = None
         self._outbox: Outbox | None = None
         self._view_changed = asyncio.Event()
+        self._result_topic = self.topics.client_result(self.client_id)
 
     @classmethod
     def open(
@@ -159,9 +160,10 @@ class RemoteModel:
         )
         await self._mesh.__aenter__()
         try:
-            await self._mesh.subscribe(self.topics.client_result(self.client_id))
+            await self._mesh.subscribe(self._result_topic)
             await self._mesh.subscribe(self.topics.all_node_status(), qos=T.NODE_STATUS.qos)
             await self._mesh.subscribe(self.topics.ack(self.client_id))
+            self._mesh.set_handler(self._take)
             # Sessions stepping together (their results came back together) enter as one bundle.
             self._outbox = Outbox(self._mesh)
             self._forwarder = Forwarder(
@@ -197,6 +199,20 @@ class RemoteModel:
         if self._mesh is not None:
             await self._mesh.__aexit__(exc_type, exc, tb)
         self._head.close()
+
+    def _take(self, m: MeshMessage) -> bool:
+        """The mesh's first look at a message, in its read callback: a result wakes its step
+        without a turn of the event loop through `_read`."""
+        if m.topic != self._result_topic:
+            return False
+        try:
+            parts = wire.unbundle(m.payload)
+        except WireError as e:
+            log.warning("broken bundle on %s: %s", m.topic, e)
+            return True
+        for part in parts:
+            self._on_result(part)
+        return True
 
     async def _read(self, mesh: MeshClient) -> None:
         async for m in mesh.messages():
@@ -279,11 +295,15 @@ class RemoteModel:
         fut: asyncio.Future[wire.ResultMessage] = asyncio.get_running_loop().create_future()
         self._pending[key] = fut
         try:
-            meta = {"allow_skip": self.allow_skip, "never_skip": self.never_skip}
-            route.first = await self._forwarder.send(
-                hidden, layer=0, pos=start, step=route.steps, sid=session,
-                cid=self.client_id, meta=meta,
+            send: dict[str, Any] = dict(
+                layer=0, pos=start, step=route.steps, sid=session, cid=self.client_id,
+                meta={"allow_skip": self.allow_skip, "never_skip": self.never_skip},
             )  # fmt: skip
+            try:
+                # Published at the next loop turn: sessions stepping together enter together.
+                route.first = self._forwarder.send_nowait(hidden, **send)
+            except MeshError:  # no live route right now: wait a grace period for one
+                route.first = await self._forwarder.send(hidden, **send)
             async with asyncio.timeout(self.step_timeout):
                 result = await fut
         except TimeoutError:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,15 +68,18 @@ class NodeAgent:
         self.load = Load()
         self.ready = asyncio.Event()
         self._inbox: collections.deque[Work] = collections.deque()
-        self._has_work = asyncio.Event()
-        self._arrived = asyncio.Event()  # set on every accepted activation
+        self._gather_until: float | None = None  # loop time a wave waits for stragglers until
+        self._gather_timer: asyncio.TimerHandle | None = None
+        self._kick_soon: asyncio.Handle | None = None  # a `_kick` at the next loop turn
+        self._parse = functools.lru_cache(maxsize=4096)(self.topics.parse)
         self._forward_s = 0.0  # moving average of a forward's duration, seconds
         # One thread owns the span (weights and KV caches): forwards, frees and expiry queue up.
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"span-{cfg.node_id}")
         self._forwarder: Forwarder | None = None  # set once the mesh is up
         self._draining = False  # leaving: accept nothing new
         self._busy = False  # a batch is being computed
-        self._sending: set[asyncio.Task[None]] = set()  # waves computed, being passed on
+        self._sending: set[asyncio.Task[None]] = set()  # results waiting for a route
+        self._replies: set[asyncio.Task[None]] = set()  # refusals being sent to clients
         self._recent: dict[str, float] = {}  # session -> when its last message arrived
         self._span: LayerSpan | None = None
         self._mesh: MeshClient | None = None
@@ -171,6 +175,7 @@ class NodeAgent:
             await mesh.subscribe(self.topics.session_free(cfg.model))
             await mesh.subscribe(self.topics.all_node_status(), qos=T.NODE_STATUS.qos)
             await mesh.subscribe(self.topics.file_get(cfg.node_id))
+            mesh.set_handler(self._take)
             await mesh.publish(status_topic, T.pack_status(self.status()), retain=True)
             self.ready.set()
             log.info("%s: serving on %s", cfg.node_id, ", ".join(map(str, cfg.brokers)))
@@ -178,7 +183,6 @@ class NodeAgent:
                 async with asyncio.TaskGroup() as tg:
                     tasks = [
                         tg.create_task(self._receive(mesh), name="receive"),
-                        tg.create_task(self._compute(mesh), name="compute"),
                         tg.create_task(self._heartbeat(mesh, status_topic), name="heartbeat"),
                         tg.create_task(self._expire(), name="expire"),
                         tg.create_task(self._custody(), name="custody"),
@@ -189,6 +193,7 @@ class NodeAgent:
                         t.cancel()
             finally:
                 # A clean leave clears the retained status instead of leaving "offline" behind.
+                mesh.set_handler(None)
                 try:
                     async with asyncio.timeout(cfg.graceful_timeout):
                         await mesh.publish(status_topic, b"", retain=True)
@@ -255,7 +260,7 @@ class NodeAgent:
     async def _receive(self, mesh: MeshClient) -> None:
         async for m in mesh.messages():
             try:
-                parsed = self.topics.parse(m.topic)
+                parsed = self._parse(m.topic)
             except WireError as e:
                 log.warning("%s: ignored message: %s", self.cfg.node_id, e)
                 continue
@@ -264,8 +269,7 @@ class NodeAgent:
             elif isinstance(parsed, T.SessionFreeTopic):
                 await self._on_free(m)
             elif isinstance(parsed, T.LayerTopic):
-                for part in self._parts(m):
-                    await self._on_activation(parsed, part)
+                self._accept_all(parsed, m)
             elif isinstance(parsed, T.AckTopic) and self._forwarder is not None:
                 for part in self._parts(m):
                     try:
@@ -313,29 +317,60 @@ class NodeAgent:
 
         await loop.run_in_executor(self._worker, free)
 
-    async def _on_activation(self, parsed: T.LayerTopic, payload: memoryview) -> None:
+    def _take(self, m: MeshMessage) -> bool:
+        """The mesh's first look at a message, in its read callback: activations are accepted
+        here, and an idle node starts their forward in this same call, no turn of the event
+        loop in between. Anything else goes on to `_receive`."""
+        try:
+            parsed = self._parse(m.topic)
+        except WireError:
+            return False  # `_receive` logs it
+        if not isinstance(parsed, T.LayerTopic):
+            return False
+        self._accept_all(parsed, m)
+        return True
+
+    def _accept_all(self, parsed: T.LayerTopic, m: MeshMessage) -> None:
+        """Queue the activations a (bundled) message carries, then start a forward if one can
+        start: at once for sessions already stepping here, one loop turn later when one is
+        new, so that the sessions of a burst arriving together start together."""
+        fresh = False
+        for part in self._parts(m):
+            fresh |= self._accept(parsed, part)
+        if not fresh:
+            self._kick()
+        elif self._kick_soon is None:
+            self._kick_soon = asyncio.get_running_loop().call_soon(self._kick)
+
+    def _accept(self, parsed: T.LayerTopic, payload: memoryview) -> bool:
+        """Queue a valid activation, True if its session is new here; refuse the rest."""
         cfg = self.cfg
         try:
             msg = wire.decode(payload, max_bytes=cfg.max_payload_bytes)
         except wire.WireDecodeError as e:
-            await self._reject(e.cid, e.sid, e.mid, "bad_message", str(e))
-            return
+            self._spawn(self._reject(e.cid, e.sid, e.mid, "bad_message", str(e)), "reject")
+            return False
         if not isinstance(msg, wire.ActivationMessage):
-            await self._reject(msg.cid, msg.sid, msg.mid, "bad_message", "expected an activation")
-            return
+            self._spawn(
+                self._reject(msg.cid, msg.sid, msg.mid, "bad_message", "expected an activation"),
+                "reject",
+            )
+            return False
         why = self._invalid(msg, parsed)
         if why is not None:
-            await self._reject(msg.cid, msg.sid, msg.mid, "bad_message", why)
-            return
+            self._spawn(self._reject(msg.cid, msg.sid, msg.mid, "bad_message", why), "reject")
+            return False
         span = self._span
         assert span is not None
         if self._draining:
-            return  # not acknowledged: the sender re-sends it to a node that stays
-        hidden = msg.to_tensor().reshape(msg.n_tokens, self._hidden).to(span.dtype)
+            return False  # not acknowledged: the sender re-sends it to a node that stays
+        hidden = msg.to_tensor()  # (tokens, hidden), `_invalid` saw to it
+        if hidden.dtype != span.dtype:
+            hidden = hidden.to(span.dtype)
         self._inbox.append(Work(msg, hidden, time.time(), replay_steps(msg)))
+        fresh = msg.sid not in self._recent
         self._recent[msg.sid] = time.monotonic()
-        self._has_work.set()
-        self._arrived.set()
+        return fresh
 
     def _invalid(self, msg: wire.ActivationMessage, parsed: T.LayerTopic) -> str | None:
         cfg = self.cfg
@@ -409,83 +444,124 @@ class NodeAgent:
             tokens=self.load.tokens + tokens,
         )
 
-    async def _compute(self, mesh: MeshClient) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._has_work.wait()
-            await self._gather_wave()
-            batch, self._inbox = take_batch(self._inbox, self.cfg.max_batch_tokens)
-            if not self._inbox:
-                self._has_work.clear()
-            if not batch or self._draining:
-                continue
-            self._busy = True
-            t0 = loop.time()
-            try:
-                outcomes = await loop.run_in_executor(self._worker, self._forward, batch)
-            finally:
-                self._busy = False
-            if all(w.msg.n_tokens == 1 for w in batch):  # decode: what a straggler would cost
-                took = loop.time() - t0
-                self._forward_s = 0.8 * self._forward_s + 0.2 * took if self._forward_s else took
-            # Passed on in the background: the next wave's forward need not wait for the
-            # publishes and acks of this one (a session has one step here at a time).
-            task = asyncio.create_task(self._send_wave(outcomes), name="send wave")
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-            if len(self._sending) >= MAX_SENDING:
-                await asyncio.wait(set(self._sending), return_when=asyncio.FIRST_COMPLETED)
-
-    async def _send_wave(self, outcomes: list[Outcome]) -> None:
-        """Pass on a computed wave: its activations for one node (and its acks to one sender)
-        are posted in one loop turn, so the outbox sends each group as one bundle."""
-        results = await asyncio.gather(
-            *(self._send_on(o) for o in outcomes), return_exceptions=True
-        )
-        for o, r in zip(outcomes, results, strict=True):
-            if isinstance(r, Exception):  # custody re-sends it; the node keeps serving
-                log.error("%s: passing on %s failed", self.cfg.node_id, o.work.msg.mid, exc_info=r)
-
-    async def _gather_wave(self) -> None:
-        """With several sessions active, wait until each has a step waiting: k sessions in
-        one forward share one pass over the weights (what that saves depends on the CPU's
-        small-matrix kernels), and once together they stay together down the pipeline. A
-        straggler is waited for at most as long as a forward takes (`batch_wait` at most):
-        longer, and waiting would cost more than the forward it saves."""
-        if self.cfg.batch_wait <= 0:
+    def _kick(self) -> None:
+        """Start the next forward if the worker is free and a wave is ready. Called when an
+        activation is accepted, when a forward ends, and when a wave's wait is over."""
+        self._kick_soon = None
+        if self._busy or not self._inbox or self._draining or len(self._sending) >= MAX_SENDING:
             return
+        if not self._wave_ready():
+            return
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+        self._gather_until = self._gather_timer = None
+        batch, self._inbox = take_batch(self._inbox, self.cfg.max_batch_tokens)
+        self._busy = True
         loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        def done(f: Future[list[Outcome]]) -> None:  # on the worker thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: the node has stopped
+                loop.call_soon_threadsafe(self._computed, batch, f, t0)
+
+        self._worker.submit(self._forward, batch).add_done_callback(done)
+
+    def _wave_ready(self) -> bool:
+        """With several sessions active, a wave waits until each has a step waiting: k
+        sessions in one forward share one pass over the weights (what that saves depends on
+        the CPU's small-matrix kernels), and once together they stay together down the
+        pipeline. A straggler is waited for at most as long as a forward takes (`batch_wait`
+        at most): longer, and waiting would cost more than the forward it saves."""
+        if self.cfg.batch_wait <= 0:
+            return True
         now = time.monotonic()
         for sid in [s for s, t in self._recent.items() if now - t > ACTIVE_FOR]:
             del self._recent[sid]
         active = len(self._recent)
-        deadline = loop.time() + min(self.cfg.batch_wait, self._forward_s)
-        while active > 1 and len({w.msg.sid for w in self._inbox}) < active:
-            if any(w.replay_steps is not None for w in self._inbox):
-                return  # a replay runs alone anyway
-            self._arrived.clear()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self._arrived.wait()
-            except TimeoutError:
-                return
+        if active <= 1 or len({w.msg.sid for w in self._inbox}) >= active:
+            return True
+        if any(w.replay_steps is not None for w in self._inbox):
+            return True  # a replay runs alone anyway
+        loop = asyncio.get_running_loop()
+        if self._gather_until is None:
+            self._gather_until = loop.time() + min(self.cfg.batch_wait, self._forward_s)
+            self._gather_timer = loop.call_at(self._gather_until, self._kick)
+        return loop.time() >= self._gather_until
 
-    async def _send_on(self, o: Outcome) -> None:
-        msg = o.work.msg
-        cfg = self.cfg
+    def _computed(self, batch: list[Work], f: Future[list[Outcome]], t0: float) -> None:
+        """A forward ended (on the loop thread): pass its results on, start the next one."""
+        self._busy = False
+        try:
+            outcomes = f.result()
+        except Exception as e:  # a bug, not a bad session: answer and keep serving
+            log.exception("%s: a forward step failed", self.cfg.node_id)
+            for w in batch:
+                m, why = w.msg, f"forward step failed: {e}"
+                self._spawn(self._reject(m.cid, m.sid, m.mid, "internal", why), "reject")
+            outcomes = []
+        if outcomes and all(w.msg.n_tokens == 1 for w in batch):  # what a straggler would cost
+            took = asyncio.get_running_loop().time() - t0
+            self._forward_s = 0.8 * self._forward_s + 0.2 * took if self._forward_s else took
+        self._pass_on(outcomes)
+        self._kick()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a send that has to wait (for a route, for a broker) in the background. Results
+        waiting for a route hold up the next forward beyond `MAX_SENDING` of them."""
+        task = asyncio.create_task(coro, name=name)
+        (self._sending if name == "send" else self._replies).add(task)
+        task.add_done_callback(self._spawned_done)
+
+    def _spawned_done(self, task: asyncio.Task[None]) -> None:
+        self._replies.discard(task)
+        if task in self._sending:
+            self._sending.discard(task)
+            self._kick()  # a wave may have waited for sends to drain
+        if not task.cancelled() and (e := task.exception()) is not None:
+            # Custody re-sends what was not passed on; the node keeps serving.
+            log.error("%s: %s failed", self.cfg.node_id, task.get_name(), exc_info=e)
+
+    def _pass_on(self, outcomes: list[Outcome]) -> None:
+        """Pass on a computed wave, in this call unless a route or a broker must be waited
+        for: its activations for one node (and its acks to one sender) leave as one bundle,
+        the activations and results first, as the next node waits for them."""
         outbox = self._outbox
         assert outbox is not None
+        acks: list[tuple[str, T.Ack, asyncio.Future[bool] | None]] = []
+        for o in outcomes:
+            try:
+                self._pass_one(o, acks)
+            except Exception:  # custody re-sends it; the node keeps serving
+                log.exception("%s: passing on %s failed", self.cfg.node_id, o.work.msg.mid)
+        outbox.flush_now()
+        for upstream, ack, sent in acks:
+            if sent is None or (sent.done() and sent.result()):
+                send_ack(outbox, self.topics, upstream, ack)
+            elif not sent.done():  # left to the flusher: acknowledge once a broker took it
+                sent.add_done_callback(functools.partial(self._ack_if_sent, upstream, ack))
+        outbox.flush_now()
+
+    def _ack_if_sent(self, upstream: str, ack: T.Ack, sent: asyncio.Future[bool]) -> None:
+        # No ack for what no broker took: the sender still holds it and will re-send.
+        if self._outbox is not None and not sent.cancelled() and sent.result():
+            send_ack(self._outbox, self.topics, upstream, ack)
+
+    def _pass_one(
+        self, o: Outcome, acks: list[tuple[str, T.Ack, asyncio.Future[bool] | None]]
+    ) -> None:
+        msg = o.work.msg
+        cfg = self.cfg
+        me = T.NodeId(cfg.node_id)
         upstream = msg.route[-1].node if msg.route else msg.cid
         if isinstance(o.error, CacheMissError) and not msg.meta.get("replay"):
             # A replica taking over, or a node that restarted: ask the sender for a replay.
             log.info("%s: session %s needs a replay from %d", cfg.node_id, msg.sid, o.error.have)
-            ack = T.Ack(msg.mid, T.NodeId(cfg.node_id), need_from=o.error.have)
-            send_ack(outbox, self.topics, upstream, ack)
+            acks.append((upstream, T.Ack(msg.mid, me, need_from=o.error.have), None))
             return
         if o.error is not None or o.hidden is None:
-            await self._reject(msg.cid, msg.sid, msg.mid, "session", str(o.error))
+            self._spawn(self._reject(msg.cid, msg.sid, msg.mid, "session", str(o.error)), "reject")
             return
-        hop = wire.RouteHop(T.NodeId(cfg.node_id), msg.layer, cfg.end, o.work.t_in, time.time())
+        hop = wire.RouteHop(me, msg.layer, cfg.end, o.work.t_in, time.time())
         route = (*msg.route, hop)
         meta = dict(msg.meta)
         hidden, pos = o.hidden, msg.pos
@@ -494,6 +570,7 @@ class NodeAgent:
             # Rebuilt the cache from a replay: pass on only what the original message carried.
             meta["replayed"] = [*meta.get("replayed", []), cfg.node_id]
             hidden, pos = o.hidden[emit_from - msg.pos :], emit_from
+        ack = T.Ack(msg.mid, me)
         if cfg.end == self._num_layers:
             # The client needs the last position only: it samples from it.
             out = wire.ResultMessage.from_tensor(
@@ -501,14 +578,27 @@ class NodeAgent:
                 pos=pos + hidden.shape[0] - 1, layer=self._num_layers, route=route,
                 skipped=msg.skipped, meta=meta,
             )  # fmt: skip
+            assert self._outbox is not None
             topic = self.topics.client_result(msg.cid)
-            if not await outbox.post(topic, wire.encode(out), T.CLIENT_RESULT.qos):
-                return  # no ack: the sender still holds it and will re-send
+            sent = self._outbox.post(topic, wire.encode(out), T.CLIENT_RESULT.qos)
+            acks.append((upstream, ack, sent))
+            return
+        assert self._forwarder is not None
+        send: dict[str, Any] = dict(
+            layer=cfg.end, pos=pos, step=msg.step, sid=msg.sid, cid=msg.cid, route=route,
+            skipped=msg.skipped, meta=meta, history_rows=o.hidden, history_pos=msg.pos,
+            history_steps=o.work.replay_steps,
+        )  # fmt: skip
+        try:
+            self._forwarder.send_nowait(hidden, **send)
+        except MeshError:  # no live route right now: wait for one in the background
+            self._spawn(self._send_later(hidden, send, upstream, ack), "send")
         else:
-            assert self._forwarder is not None
-            await self._forwarder.send(
-                hidden, layer=cfg.end, pos=pos, step=msg.step, sid=msg.sid, cid=msg.cid,
-                route=route, skipped=msg.skipped, meta=meta,
-                history_rows=o.hidden, history_pos=msg.pos, history_steps=o.work.replay_steps,
-            )  # fmt: skip
-        send_ack(outbox, self.topics, upstream, T.Ack(msg.mid, T.NodeId(cfg.node_id)))
+            acks.append((upstream, ack, None))
+
+    async def _send_later(
+        self, hidden: torch.Tensor, send: dict[str, Any], upstream: str, ack: T.Ack
+    ) -> None:
+        assert self._forwarder is not None and self._outbox is not None
+        await self._forwarder.send(hidden, **send)
+        send_ack(self._outbox, self.topics, upstream, ack)

@@ -76,7 +76,8 @@ def forward(span: LayerSpan, batch: Sequence[Work]) -> list[Outcome]:
                 at += n
             out = torch.cat(parts)
         else:
-            out = span(torch.cat([w.hidden for w in batch]), segments, skip=skip)
+            rows = batch[0].hidden if len(batch) == 1 else torch.cat([w.hidden for w in batch])
+            out = span(rows, segments, skip=skip)
     except SessionError as e:
         if len(batch) == 1:
             return [Outcome(batch[0], error=e)]

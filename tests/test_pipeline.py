@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,6 +147,57 @@ def test_eight_chat_clients_at_once(smollm2_dir: ModelDir, smol_mesh: LocalMesh)
         reply = json.loads(out.strip().splitlines()[-1])
         assert reply["token_ids"] == want[prompt], prompt
         assert [h["node"] for h in reply["route"][0]] == [f"node-{i}" for i in range(6)]
+
+
+def test_sessions_stepping_together_share_forward_steps(
+    smollm2_dir: ModelDir, smol_mesh: LocalMesh
+) -> None:
+    """Four sessions of one client decode at once: each node runs their steps together (the
+    heartbeat counters say how many forward steps it took for how many rows), and each
+    session still gets its own answer."""
+    prompts, n = PROMPTS[:4], 12
+    want = reference(smollm2_dir, prompts, n=n)
+
+    def counters(remote: RemoteModel) -> dict[str, tuple[int, int]]:
+        return {
+            s.node_id: (int(s.load.get("steps", 0)), int(s.load.get("tokens", 0)))
+            for s in remote.view.live(remote.model)
+        }
+
+    async def heartbeat_after(remote: RemoteModel, t: float) -> dict[str, tuple[int, int]]:
+        async with asyncio.timeout(10):
+            # Polled: the view changes with every heartbeat of any node.
+            while not all(s.time > t for s in remote.view.live(remote.model)):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        return counters(remote)
+
+    async def main() -> tuple[dict[str, list[int]], dict[str, tuple[int, int]], int]:
+        """(answers, (steps, rows) per node over the run, the prompts' rows)"""
+        async with RemoteModel(
+            smollm2_dir, smol_mesh.addresses, topic_root=smol_mesh.topic_root
+        ) as remote:
+            await remote.wait_ready(30)
+            before = await heartbeat_after(remote, time.time())
+            params = SamplingParams(max_new_tokens=n)
+            ids = {p: chat_ids(smollm2_dir, p) for p in prompts}
+
+            async def one(p: str) -> list[int]:
+                return [e.token_id async for e in remote.generate(ids[p], params)]
+
+            got = await asyncio.gather(*(one(p) for p in prompts))
+            after = await heartbeat_after(remote, time.time())
+            delta = {k: (after[k][0] - v[0], after[k][1] - v[1]) for k, v in before.items()}
+            prompt_rows = sum(len(i) for i in ids.values())
+            return dict(zip(prompts, got, strict=True)), delta, prompt_rows
+
+    got, delta, prompt_rows = asyncio.run(main())
+    assert got == want
+    decode_rows = sum(len(t) - 1 for t in got.values())  # every token but the last is fed back
+    assert len(delta) == 6
+    for node, (steps, rows) in delta.items():
+        assert rows == prompt_rows + decode_rows, node
+        # One step per row alone (4 prompts + 40-odd decode rows); together, about 4 + 11.
+        assert steps <= len(prompts) + decode_rows // 2, (node, steps)
 
 
 def _raw(header: dict[str, object], body: bytes = b"") -> bytes:
