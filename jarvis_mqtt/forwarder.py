@@ -67,9 +67,14 @@ class Forwarder:
         self.history = History()
         self.next: dict[str, str] = {}  # session -> node holding its downstream cache
         self.failovers = 0  # re-sends to another node, for stats
+        # Sent by `send_nowait` and recorded in the history at the next loop turn.
+        self._unrecorded: list[
+            tuple[Pending, torch.Tensor, torch.Tensor | None, int | None, Sequence[int] | None]
+        ] = []
 
     def forget(self, sid: str) -> None:
         """Drop a session's history, custody and stickiness."""
+        self._unrecorded = [u for u in self._unrecorded if u[0].sid != sid]
         self.history.forget(sid)
         self.custody.forget(sid)
         self.next.pop(sid, None)
@@ -96,7 +101,7 @@ class Forwarder:
         computed more rows than it forwards, in `history_steps`), else `hidden` itself. With
         no live route, waits a grace period for one before telling the client.
         """
-        p = self._pending(hidden, layer, pos, step, sid, cid, route, skipped, meta)
+        p = self._pending(hidden.shape[0], layer, pos, step, sid, cid, route, skipped, meta)
         self._record(p, hidden, history_rows, history_pos, history_steps)
         return await self._dispatch(p, hidden, prefer=self.next.get(sid))
 
@@ -115,19 +120,32 @@ class Forwarder:
         history_rows: torch.Tensor | None = None,
         history_pos: int | None = None,
         history_steps: Sequence[int] | None = None,
+        raw: wire.RawTensor | None = None,
     ) -> str | None:
         """`send` in this call, posted to the outbox, when a live route is known now (the
         usual case). MeshError when there is none right now: nothing was posted or recorded,
-        and `send` is the call that waits for one."""
-        p = self._pending(hidden, layer, pos, step, sid, cid, route, skipped, meta)
+        and `send` is the call that waits for one.
+
+        `raw`: `hidden` already in its wire form, so the message is built without torch. The
+        history records the rows at the next turn of the loop, after the caller flushed the
+        outbox: the next node is waiting for the message, nobody for the history yet."""
+        n = hidden.shape[0] if raw is None else raw.shape[0]
+        p = self._pending(n, layer, pos, step, sid, cid, route, skipped, meta)
         hop = self._route(layer, p.fields["meta"], self.next.get(sid))
-        node = self._emit(p, hidden, pos, dict(p.fields["meta"]), hop)
-        self._record(p, hidden, history_rows, history_pos, history_steps)
+        node = self._emit(p, hidden if raw is None else raw, pos, dict(p.fields["meta"]), hop)
+        if not self._unrecorded:
+            asyncio.get_running_loop().call_soon(self._record_sent)
+        self._unrecorded.append((p, hidden, history_rows, history_pos, history_steps))
         return node
+
+    def _record_sent(self) -> None:
+        unrecorded, self._unrecorded = self._unrecorded, []
+        for args in unrecorded:
+            self._record(*args)
 
     def _pending(
         self,
-        hidden: torch.Tensor,
+        n: int,
         layer: int,
         pos: int,
         step: int,
@@ -140,7 +158,7 @@ class Forwarder:
         fields = {"cid": cid, "model": self.model, "route": tuple(route), "meta": dict(meta or {})}
         fields["skipped"] = tuple(skipped)
         return Pending(
-            mid="", sid=sid, step=step, node="", layer=layer, pos=pos, n=hidden.shape[0],
+            mid="", sid=sid, step=step, node="", layer=layer, pos=pos, n=n,
             fields=fields, deadline=0.0,
         )  # fmt: skip
 
@@ -209,7 +227,12 @@ class Forwarder:
         return self._emit(p, hidden, pos, meta, hop)
 
     def _emit(
-        self, p: Pending, hidden: torch.Tensor, pos: int, meta: dict[str, Any], hop: Hop
+        self,
+        p: Pending,
+        hidden: torch.Tensor | wire.RawTensor,
+        pos: int,
+        meta: dict[str, Any],
+        hop: Hop,
     ) -> str | None:
         """Post `hidden` along `hop`: to its node (kept in custody until acknowledged), or
         to the client when every remaining layer was skipped; the node, or None."""
@@ -220,8 +243,9 @@ class Forwarder:
         )  # fmt: skip
         if hop.node_id is None:
             # Every remaining layer was skipped: the client gets the hidden state as it is.
+            last = hidden.rows(-1) if isinstance(hidden, wire.RawTensor) else hidden[-1:]
             out: wire.Message = wire.ResultMessage.from_tensor(
-                hidden[-1:], layer=self.num_layers, pos=pos + hidden.shape[0] - 1, **common
+                last, layer=self.num_layers, pos=pos + hidden.shape[0] - 1, **common
             )
             self._publish(self.topics.client_result(p.fields["cid"]), out, T.CLIENT_RESULT)
             return None

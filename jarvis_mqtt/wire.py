@@ -55,6 +55,7 @@ DTYPES: Mapping[str, torch.dtype] = {
     "float16": torch.float16,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 _HEADER_KEYS = {
     "act": {"v", "kind", "mid", "sid", "cid", "model", "step", "pos", "layer", "dtype", "shape"}
     | {"route", "skipped", "meta"},
@@ -82,6 +83,41 @@ class WireDecodeError(WireError):
     ) -> None:
         super().__init__(text)
         self.mid, self.sid, self.cid = mid, sid, cid
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor as the wire carries it: dtype name, shape and C-order bytes, a view of the
+    tensor's memory. Rows slice without torch: a node takes this form of its results on the
+    worker thread, right after the forward, and the event loop builds messages from it without
+    touching torch (whose first call after a wait costs tens of µs of cold caches)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Self:
+        """The bytes of a tensor (copied only when it is not a contiguous CPU tensor)."""
+        if tensor.dtype not in _DTYPE_NAMES:
+            raise WireError(f"cannot send a tensor of {tensor.dtype}; use one of {sorted(DTYPES)}")
+        t = tensor
+        if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():
+            t = t.detach().to("cpu").contiguous()
+        # numpy has no bfloat16: view the same bytes as int16 to reach the buffer.
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return cls(_DTYPE_NAMES[t.dtype], tuple(t.shape), raw.numpy().data.cast("B"))
+
+    def rows(self, start: int, stop: int | None = None) -> RawTensor:
+        """Rows `[start:stop]` (Python slice rules) of a 2-D tensor, sharing its memory."""
+        if len(self.shape) != 2:
+            raise WireError(f"rows of a {len(self.shape)}-D tensor")
+        first, last, _ = slice(start, stop).indices(self.shape[0])
+        last = max(first, last)
+        row = self.shape[1] * _ITEMSIZE[self.dtype]
+        return RawTensor(
+            self.dtype, (last - first, self.shape[1]), self.data[first * row : last * row]
+        )
 
 
 @dataclass(frozen=True)
@@ -183,17 +219,11 @@ class TensorMessage:
         return self.shape[-2]
 
     @classmethod
-    def from_tensor(cls, tensor: torch.Tensor, **fields: Any) -> Self:
-        """Wrap a CPU tensor without copying it; the other fields are keyword arguments."""
-        if tensor.dtype not in _DTYPE_NAMES:
-            raise WireError(f"cannot send a tensor of {tensor.dtype}; use one of {sorted(DTYPES)}")
-        t = tensor
-        if t.requires_grad or t.device.type != "cpu" or not t.is_contiguous():
-            t = t.detach().to("cpu").contiguous()
-        # numpy has no bfloat16: view the same bytes as int16 to reach the buffer.
-        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-        data = raw.numpy().data.cast("B")
-        return cls(dtype=_DTYPE_NAMES[t.dtype], shape=tuple(t.shape), data=data, **fields)
+    def from_tensor(cls, tensor: torch.Tensor | RawTensor, **fields: Any) -> Self:
+        """Wrap a CPU tensor (or its `RawTensor`) without copying it; the other fields are
+        keyword arguments."""
+        raw = tensor if isinstance(tensor, RawTensor) else RawTensor.of(tensor)
+        return cls(dtype=raw.dtype, shape=raw.shape, data=raw.data, **fields)
 
     def to_tensor(self, *, copy: bool = False) -> torch.Tensor:
         """The tensor; without `copy` it shares the payload's memory and must not be written."""

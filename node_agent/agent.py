@@ -564,18 +564,20 @@ class NodeAgent:
         hop = wire.RouteHop(me, msg.layer, cfg.end, o.work.t_in, time.time())
         route = (*msg.route, hop)
         meta = dict(msg.meta)
-        hidden, pos = o.hidden, msg.pos
+        # What is sent is built from `raw` (no torch on the loop); `hidden` goes to the history.
+        hidden, raw, pos = o.hidden, o.raw or wire.RawTensor.of(o.hidden), msg.pos
         emit_from = meta.pop("emit_from", None)
         if meta.pop("replay", False) and isinstance(emit_from, int):
             # Rebuilt the cache from a replay: pass on only what the original message carried.
             meta["replayed"] = [*meta.get("replayed", []), cfg.node_id]
-            hidden, pos = o.hidden[emit_from - msg.pos :], emit_from
+            cut, pos = emit_from - msg.pos, emit_from
+            hidden, raw = o.hidden[cut:], raw.rows(cut)
         ack = T.Ack(msg.mid, me)
         if cfg.end == self._num_layers:
             # The client needs the last position only: it samples from it.
             out = wire.ResultMessage.from_tensor(
-                hidden[-1:], sid=msg.sid, cid=msg.cid, model=msg.model, step=msg.step,
-                pos=pos + hidden.shape[0] - 1, layer=self._num_layers, route=route,
+                raw.rows(-1), sid=msg.sid, cid=msg.cid, model=msg.model, step=msg.step,
+                pos=pos + raw.shape[0] - 1, layer=self._num_layers, route=route,
                 skipped=msg.skipped, meta=meta,
             )  # fmt: skip
             assert self._outbox is not None
@@ -590,7 +592,7 @@ class NodeAgent:
             history_steps=o.work.replay_steps,
         )  # fmt: skip
         try:
-            self._forwarder.send_nowait(hidden, **send)
+            self._forwarder.send_nowait(hidden, raw=raw, **send)
         except MeshError:  # no live route right now: wait for one in the background
             self._spawn(self._send_later(hidden, send, upstream, ack), "send")
         else:

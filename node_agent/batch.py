@@ -32,6 +32,7 @@ class Outcome:
 
     work: Work
     hidden: torch.Tensor | None = None
+    raw: wire.RawTensor | None = None  # `hidden` as the wire sends it, taken on the worker
     error: SessionError | None = None
 
 
@@ -82,10 +83,11 @@ def forward(span: LayerSpan, batch: Sequence[Work]) -> list[Outcome]:
         if len(batch) == 1:
             return [Outcome(batch[0], error=e)]
         return [o for w in batch for o in forward(span, [w])]
-    outcomes, row = [], 0
+    outcomes, row, raw = [], 0, wire.RawTensor.of(out)
     for w in batch:
-        outcomes.append(Outcome(w, out[row : row + w.msg.n_tokens]))
-        row += w.msg.n_tokens
+        n = w.msg.n_tokens
+        outcomes.append(Outcome(w, out[row : row + n], raw.rows(row, row + n)))
+        row += n
     return outcomes
 
 

@@ -18,6 +18,7 @@ from jarvis_mqtt.wire import (
     ActivationMessage,
     ErrorMessage,
     Message,
+    RawTensor,
     ResultMessage,
     RouteHop,
     WireDecodeError,
@@ -336,3 +337,20 @@ def test_unbundle_arbitrary_bytes(payload: bytes) -> None:
             assert b"".join(parts) == data[len(data) - sum(len(p) for p in parts) :]
         else:
             assert [bytes(p) for p in parts] == [data]
+
+
+def test_raw_tensor_rows_share_memory_and_build_the_same_message() -> None:
+    t = torch.arange(12.0).view(4, 3)
+    raw = RawTensor.of(t)
+    assert (raw.dtype, raw.shape, raw.data.nbytes) == ("float32", (4, 3), 48)
+    for start, stop in ((0, None), (1, 3), (-1, None)):
+        part = raw.rows(start, stop)
+        want = t[start:stop]
+        got = torch.frombuffer(part.data, dtype=torch.float32).view(part.shape)
+        assert got.tolist() == want.tolist()
+    fields: dict[str, Any] = dict(sid="s", cid="c", model="m", step=0, pos=0, layer=1, mid="0" * 32)
+    a = ActivationMessage.from_tensor(t[1:3], **fields)
+    b = ActivationMessage.from_tensor(raw.rows(1, 3), **fields)
+    assert encode(a) == encode(b)
+    half = RawTensor.of(t.to(torch.bfloat16))  # numpy has no bfloat16: its bytes as int16
+    assert (half.dtype, half.data.nbytes) == ("bfloat16", 24)
