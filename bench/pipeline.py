@@ -1,6 +1,7 @@
 """The MQTT pipeline: a real mesh (6 node processes, 2 Mosquitto brokers) against one process.
 
-(a) efficiency: decode tok/s through the mesh ÷ the single-process runtime, interleaved;
+(a) efficiency: decode tok/s through the mesh ÷ the single-process runtime, interleaved with
+    the same split chained by OS pipes (`pipes.py`: the ceiling for any transport here);
 (b) added latency per hop: an echo relay for 4 KiB activations, and the node-to-node transfer
     times stamped in the routes of (a);
 (c) 8 concurrent sessions ÷ 1 session on the same mesh (node batching);
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from bench import relay
+from bench.pipes import PipeChain, spans_of
 from bench.procs import baseline_rss, cpu_snapshot, machine, mib, proc_status, rss_figure
 from bench.report import Figure, Section, Stats, percentile
 from bench.runtime import Ours, prompt_ids
@@ -216,7 +218,12 @@ def _cpu_figure(sec: Section, key: str, label: str, cpu: dict[str, float]) -> No
 
 
 async def measure_mesh(
-    md: ModelDir, mesh: LocalMesh, local: Ours, sec: Section, pids: dict[str, int]
+    md: ModelDir,
+    mesh: LocalMesh,
+    local: Ours,
+    pipes: PipeChain,
+    sec: Section,
+    pids: dict[str, int],
 ) -> None:
     """(a), the route transfers of (b), and (c), with one client on the running mesh."""
     vocab = md.config["vocab_size"]
@@ -225,7 +232,9 @@ async def measure_mesh(
     async with TracedRemoteModel(md, mesh.addresses, topic_root=mesh.topic_root) as rm:
         rm.tokenizer.eos_token_ids = frozenset()  # every generate() runs its full length
         await rm.wait_ready(60)
-        samples: dict[str, list[float]] = {"mesh": [], "local_1t": [], "local_2t": []}
+        samples: dict[str, list[float]] = {
+            "mesh": [], "local_1t": [], "local_2t": [], "pipes": []
+        }  # fmt: skip
         tokens: dict[str, list[int]] = {}
         times = StepTimes()
         for r in range(1 + ROUNDS):
@@ -246,12 +255,18 @@ async def measure_mesh(
                 tokens.setdefault("local", toks)
                 if timed:
                     samples[f"local_{threads}t"].append(rate)
+            rate, toks = await asyncio.to_thread(pipes.decode, ids, DECODE_TOKENS, f"p{r}")
+            tokens.setdefault("pipes", toks)
+            if timed:
+                samples["pipes"].append(rate)
             await node_counters(rm, time.time())  # a fresh view before the next mesh round
         routes = rm.routes()[-DECODE_TOKENS:]
         tr = transfer_stats(routes, times.walls[-DECODE_TOKENS:])
         stats = {k: Stats(tuple(v)) for k, v in samples.items()}
         agree = sum(a == b for a, b in zip(tokens["mesh"], tokens["local"], strict=True))
+        agree_pipes = sum(a == b for a, b in zip(tokens["pipes"], tokens["local"], strict=True))
         _efficiency_figures(sec, stats, agree, len(tokens["mesh"]), tr)
+        _pipe_figures(sec, stats, agree_pipes, len(tokens["pipes"]))
         _cpu_figure(sec, "cpu_per_token_one_session", "CPU per token, 1 session", cpu1)
 
         one: list[float] = []
@@ -274,6 +289,37 @@ async def measure_mesh(
         _cpu_figure(
             sec, "cpu_per_token_eight_sessions", f"CPU per token, {SESSIONS} sessions", cpu8
         )
+
+
+def _pipe_figures(sec: Section, s: dict[str, Stats], agree: int, n: int) -> None:
+    pipes, mesh, l1 = s["pipes"], s["mesh"], s["local_1t"]
+    sec.add(
+        Figure(
+            key="pipes_decode_tok_s", label="the same split chained by pipes",
+            value=round(pipes.best, 2), median=round(pipes.median, 2), unit="tok/s",
+            how=f"{NODES} processes x 1 thread, each its span of layers, passing the hidden "
+            f"state by OS pipe (bench/pipes.py); embed, head and sampling in the bench "
+            f"process; no broker, MQTT or event loop; greedy tokens = single process: "
+            f"{agree}/{n}",
+        )
+    )  # fmt: skip
+    sec.add(
+        Figure(
+            key="efficiency_pipes", label="ceiling: pipes / single process 1t",
+            value=round(pipes.best / l1.best, 3), median=round(pipes.median / l1.median, 3),
+            inputs={"numerator_best": pipes.best, "denominator_best": l1.best},
+            how="context: what cutting the model across processes costs on this host, before "
+            "any transport; the efficiency a mesh could reach here",
+        )
+    )  # fmt: skip
+    sec.add(
+        Figure(
+            key="mesh_vs_pipes", label="mesh / pipes",
+            value=round(mesh.best / pipes.best, 3), median=round(mesh.median / pipes.median, 3),
+            inputs={"numerator_best": mesh.best, "denominator_best": pipes.best},
+            how="context: what the brokers, MQTT, the wire format and the agents cost on top",
+        )
+    )  # fmt: skip
 
 
 def _efficiency_figures(
@@ -524,7 +570,8 @@ def run(md: ModelDir) -> Section:
         pids = {n.node_id: n.pid for n in mesh.nodes}
         pids.update({f"broker-{i}": b.pid for i, b in enumerate(mesh.broker_procs)})
         pids["client"] = os.getpid()
-        asyncio.run(measure_mesh(md, mesh, local, sec, pids))
+        with PipeChain(md, spans_of(md, NODES)) as pipes:
+            asyncio.run(measure_mesh(md, mesh, local, pipes, sec, pids))
         del local
         memory_figures(sec, md, mesh)
         # (brokers, idle before each ping, round trips, warm-up), in echo_figures' order
