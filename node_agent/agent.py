@@ -472,11 +472,11 @@ class NodeAgent:
         the CPU's small-matrix kernels), and once together they stay together down the
         pipeline. A straggler is waited for at most as long as a forward takes (`batch_wait`
         at most): longer, and waiting would cost more than the forward it saves."""
-        if self.cfg.batch_wait <= 0:
-            return True
         now = time.monotonic()
         for sid in [s for s, t in self._recent.items() if now - t > ACTIVE_FOR]:
             del self._recent[sid]
+        if self.cfg.batch_wait <= 0:
+            return True
         active = len(self._recent)
         if active <= 1 or len({w.msg.sid for w in self._inbox}) >= active:
             return True
