@@ -4,7 +4,9 @@ It subscribes to the layer topics of its span addressed to it, packs whatever ac
 waiting into one forward step (`batch.py`), run off the event loop on one worker thread that
 owns the KV caches, and publishes each result to the next live node, or back to the client when
 its span is the last: a wave's results for one receiver leave as one bundle (`outbox.py`).
-A retained status doubles as heartbeat; a retained last will marks it offline.
+On the hot path nothing waits for a turn of the event loop: activations are accepted in the
+mesh's read callback, which starts the forward, and the forward's completion callback passes
+the results on. A retained status doubles as heartbeat; a retained last will marks it offline.
 """
 
 from __future__ import annotations
