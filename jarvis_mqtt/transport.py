@@ -240,19 +240,16 @@ class MeshClient:
                     await self._any_up.wait()
             except TimeoutError:
                 raise MeshError(f"no broker connected to publish on {topic!r}") from None
-        links = [link for link in self._links if link.client is not None]
         if qos == 0:
             return self.publish_nowait(topic, payload, retain=retain)
-        else:
-            async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(
-                        link.publish(topic, payload, qos, retain), name=f"publish {link}"
-                    )
-                    for link in links
-                ]
-            # A task is cancelled when its broker connection drops mid-publish.
-            acked = sum(1 for t in tasks if not t.cancelled() and t.result())
+        links = [link for link in self._links if link.client is not None]
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(link.publish(topic, payload, qos, retain), name=f"publish {link}")
+                for link in links
+            ]
+        # A task is cancelled when its broker connection drops mid-publish.
+        acked = sum(1 for t in tasks if not t.cancelled() and t.result())
         if acked == 0:
             raise MeshError(f"no broker accepted the message on {topic!r}")
         self.counters.published += 1
