@@ -304,21 +304,30 @@ def _pipe_figures(sec: Section, s: dict[str, Stats], agree: int, n: int) -> None
         )
     )  # fmt: skip
     sec.add(
-        Figure(
-            key="efficiency_pipes", label="ceiling: pipes / single process 1t",
-            value=round(pipes.best / l1.best, 3), median=round(pipes.median / l1.median, 3),
-            inputs={"numerator_best": pipes.best, "denominator_best": l1.best},
-            how="context: what cutting the model across processes costs on this host, before "
+        _ratio(
+            "efficiency_pipes", "ceiling: pipes / single process 1t", pipes, l1,
+            "context: what cutting the model across processes costs on this host, before "
             "any transport; the efficiency a mesh could reach here",
         )
     )  # fmt: skip
     sec.add(
-        Figure(
-            key="mesh_vs_pipes", label="mesh / pipes",
-            value=round(mesh.best / pipes.best, 3), median=round(mesh.median / pipes.median, 3),
-            inputs={"numerator_best": mesh.best, "denominator_best": pipes.best},
-            how="context: what the brokers, MQTT, the wire format and the agents cost on top",
+        _ratio(
+            "mesh_vs_pipes", "mesh / pipes", mesh, pipes,
+            "context: what the brokers, MQTT, the wire format and the agents cost on top",
         )
+    )  # fmt: skip
+
+
+def _ratio(
+    key: str, label: str, num: Stats, den: Stats, how: str, target: float | None = None
+) -> Figure:
+    """num ÷ den, best ÷ best (median ÷ median), with its inputs."""
+    return Figure(
+        key=key, label=label, value=round(num.best / den.best, 3),
+        median=round(num.median / den.median, 3), target=target,
+        inputs={"numerator_best": num.best, "denominator_best": den.best,
+                "numerator_median": num.median, "denominator_median": den.median},
+        how=how,
     )  # fmt: skip
 
 
@@ -347,22 +356,17 @@ def _efficiency_figures(
             )
         )  # fmt: skip
     sec.add(
-        Figure(
-            key="efficiency", label="efficiency: mesh / single process 1t",
-            value=round(mesh.best / l1.best, 3), median=round(mesh.median / l1.median, 3),
-            target=TARGET_EFFICIENCY,
-            inputs={"numerator_best": mesh.best, "denominator_best": l1.best,
-                    "numerator_median": mesh.median, "denominator_median": l1.median},
-            how="same thread budget: a session's layers run one node at a time, each node on 1 "
+        _ratio(
+            "efficiency", "efficiency: mesh / single process 1t", mesh, l1,
+            "same thread budget: a session's layers run one node at a time, each node on 1 "
             "thread, so the like-for-like single process has 1 thread",
+            target=TARGET_EFFICIENCY,
         )
     )  # fmt: skip
     sec.add(
-        Figure(
-            key="efficiency_vs_2_threads", label="mesh / single process 2t",
-            value=round(mesh.best / l2.best, 3), median=round(mesh.median / l2.median, 3),
-            inputs={"numerator_best": mesh.best, "denominator_best": l2.best},
-            how="context: the whole 2-core machine given to one process instead",
+        _ratio(
+            "efficiency_vs_2_threads", "mesh / single process 2t", mesh, l2,
+            "context: the whole 2-core machine given to one process instead",
         )
     )  # fmt: skip
     sec.add(
