@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -22,6 +24,18 @@ def client(addrs: list[BrokerAddress], name: str, **kw: float) -> MeshClient:
     return MeshClient(addrs, client_id=f"{name}-{os.getpid()}-{time.monotonic_ns()}", **kw)  # type: ignore[arg-type]
 
 
+@contextlib.asynccontextmanager
+async def subscribed_pair(
+    addrs: list[BrokerAddress], topic_root: str
+) -> AsyncIterator[tuple[MeshClient, MeshClient]]:
+    """(subscriber to `topic_root/+`, publisher), both connected to every broker."""
+    async with client(addrs, "sub") as sub, client(addrs, "pub") as pub:
+        await sub.wait_connected(len(addrs))
+        await pub.wait_connected(len(addrs))
+        await sub.subscribe(f"{topic_root}/+", qos=0)
+        yield sub, pub
+
+
 def test_posts_of_one_turn_leave_as_one_bundle_per_topic(
     brokers: list[Broker], topic_root: str
 ) -> None:
@@ -29,10 +43,7 @@ def test_posts_of_one_turn_leave_as_one_bundle_per_topic(
     a, b = f"{topic_root}/a", f"{topic_root}/b"
 
     async def main() -> list[MeshMessage]:
-        async with client(addrs, "sub") as sub, client(addrs, "pub") as pub:
-            await sub.wait_connected(2)
-            await pub.wait_connected(2)
-            await sub.subscribe(f"{topic_root}/+", qos=0)
+        async with subscribed_pair(addrs, topic_root) as (sub, pub):
             got: list[MeshMessage] = []
             async with Outbox(pub, max_bytes=64) as out:
                 sent = [out.post(a, b"a%d" % i) for i in range(3)] + [out.post(b, b"b0")]
@@ -72,10 +83,7 @@ def test_flush_now_publishes_in_the_call(brokers: list[Broker], topic_root: str)
     a, b = f"{topic_root}/a", f"{topic_root}/b"
 
     async def main() -> list[MeshMessage]:
-        async with client(addrs, "sub") as sub, client(addrs, "pub") as pub:
-            await sub.wait_connected(2)
-            await pub.wait_connected(2)
-            await sub.subscribe(f"{topic_root}/+", qos=0)
+        async with subscribed_pair(addrs, topic_root) as (sub, pub):
             out = Outbox(pub)
             sent = [out.post(a, b"a0"), out.post(a, b"a1"), out.post(b, b"b0")]
             out.flush_now()  # no turn of the loop: handed to both brokers' sockets here
