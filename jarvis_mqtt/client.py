@@ -205,14 +205,17 @@ class RemoteModel:
         without a turn of the event loop through `_read`."""
         if m.topic != self._result_topic:
             return False
-        try:
-            parts = wire.unbundle(m.payload)
-        except WireError as e:
-            log.warning("broken bundle on %s: %s", m.topic, e)
-            return True
-        for part in parts:
+        for part in self._parts(m):
             self._on_result(part)
         return True
+
+    def _parts(self, m: MeshMessage) -> list[memoryview]:
+        """The messages a (bundled) payload carries; none, logged, when the bundle is broken."""
+        try:
+            return wire.unbundle(m.payload)
+        except WireError as e:
+            log.warning("broken bundle on %s: %s", m.topic, e)
+            return []
 
     async def _read(self, mesh: MeshClient) -> None:
         async for m in mesh.messages():
@@ -227,20 +230,15 @@ class RemoteModel:
                     log.debug("bad status: %s", e)
                     continue
                 self._view_changed.set()
-            elif isinstance(parsed, T.ClientResultTopic | T.AckTopic):
-                try:
-                    parts = wire.unbundle(m.payload)
-                except WireError as e:
-                    log.warning("broken bundle on %s: %s", m.topic, e)
-                    continue
-                for part in parts:
-                    if isinstance(parsed, T.ClientResultTopic):
-                        self._on_result(part)
-                    elif self._forwarder is not None:
-                        try:
-                            await self._forwarder.on_ack(T.unpack_ack(part))
-                        except WireError as e:
-                            log.warning("bad ack: %s", e)
+            elif isinstance(parsed, T.ClientResultTopic):
+                for part in self._parts(m):
+                    self._on_result(part)
+            elif isinstance(parsed, T.AckTopic) and self._forwarder is not None:
+                for part in self._parts(m):
+                    try:
+                        await self._forwarder.on_ack(T.unpack_ack(part))
+                    except WireError as e:
+                        log.warning("bad ack: %s", e)
 
     async def _custody(self, forwarder: Forwarder) -> None:
         while True:
