@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Self
 
@@ -24,6 +25,8 @@ from jarvis_mqtt.errors import JarvisError
 from jarvis_mqtt.transport import MeshClient
 
 log = logging.getLogger("jarvis.outbox")
+_Posted = tuple[bytes, "asyncio.Future[bool]"]
+_Waiting = dict[tuple[str, int], list[_Posted]]  # (topic, qos) -> posts, in order
 BUNDLE_BYTES = 1 << 20  # a bundle stops growing here; a larger message goes alone
 
 
@@ -33,7 +36,7 @@ class Outbox:
     def __init__(self, mesh: MeshClient, *, max_bytes: int = BUNDLE_BYTES) -> None:
         self.mesh = mesh
         self.max_bytes = max_bytes
-        self._waiting: dict[tuple[str, int], list[tuple[bytes, asyncio.Future[bool]]]] = {}
+        self._waiting: _Waiting = {}
         self._flusher: asyncio.Task[None] | None = None  # publishing what must wait
         self._turn: asyncio.Handle | None = None  # the flush at the next turn of the loop
         self.bundles = 0  # MQTT messages published, for stats
@@ -83,14 +86,19 @@ class Outbox:
             self._flusher = asyncio.create_task(self._flush_all(), name="outbox")
             return
         waiting, self._waiting = self._waiting, {}
-        for (topic, _), posted in waiting.items():
+        for topic, _, chunk, payload in self._bundles(waiting):
+            try:
+                self.mesh.publish_nowait(topic, payload)
+            except JarvisError as e:
+                self._sent(topic, chunk, e)
+            else:
+                self._sent(topic, chunk, None)
+
+    def _bundles(self, waiting: _Waiting) -> Iterator[tuple[str, int, list[_Posted], bytes]]:
+        """(topic, qos, the posts, their bundle) for each MQTT message `waiting` makes."""
+        for (topic, qos), posted in waiting.items():
             for chunk in _chunks(posted, self.max_bytes):
-                try:
-                    self.mesh.publish_nowait(topic, wire.bundle([p for p, _ in chunk]))
-                except JarvisError as e:
-                    self._sent(topic, chunk, e)
-                else:
-                    self._sent(topic, chunk, None)
+                yield topic, qos, chunk, wire.bundle([p for p, _ in chunk])
 
     def _sent(self, topic: str, chunk: list[_Posted], error: JarvisError | None) -> None:
         if error is not None:  # the chain of custody re-sends what mattered
@@ -114,18 +122,13 @@ class Outbox:
     async def _flush_all(self) -> None:
         while self._waiting:  # posts made while publishing go out in the next round
             waiting, self._waiting = self._waiting, {}
-            for (topic, qos), posted in waiting.items():
-                for chunk in _chunks(posted, self.max_bytes):
-                    payload = wire.bundle([p for p, _ in chunk])
-                    try:
-                        await self.mesh.publish(topic, payload, qos=qos)
-                    except JarvisError as e:
-                        self._sent(topic, chunk, e)
-                    else:
-                        self._sent(topic, chunk, None)
-
-
-_Posted = tuple[bytes, "asyncio.Future[bool]"]
+            for topic, qos, chunk, payload in self._bundles(waiting):
+                try:
+                    await self.mesh.publish(topic, payload, qos=qos)
+                except JarvisError as e:
+                    self._sent(topic, chunk, e)
+                else:
+                    self._sent(topic, chunk, None)
 
 
 def _chunks(posted: list[_Posted], max_bytes: int) -> list[list[_Posted]]:
